@@ -1,0 +1,49 @@
+"""fastddpm: fused, graph-captured, reproducible DDPM sampling and training for PyTorch.
+
+Public API::
+
+    Schedule                      noise schedule (diffusers names), Schedule.from_diffusers(...)
+    q_sample, ddpm_step, ddim_step, randn   fused ops (reference / cpu / cuda / triton backends)
+    UNet                          DDPM U-Net that loads diffusers checkpoints
+    sample                        the sampling loop (CUDA graphs on GPU)
+    train                         the training loop
+"""
+
+from __future__ import annotations
+
+from ._layout import STREAM_INIT, STREAM_QSAMPLE, STREAM_STEP
+from .ops import ddim_step, ddpm_step, q_sample, randn
+from .schedule import Schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Schedule",
+    "q_sample",
+    "ddpm_step",
+    "ddim_step",
+    "randn",
+    "STREAM_INIT",
+    "STREAM_QSAMPLE",
+    "STREAM_STEP",
+    "UNet",
+    "sample",
+    "train",
+]
+
+
+def __getattr__(name: str):
+    # Heavier modules load on first use so `import fastddpm` stays light and side-effect free.
+    if name == "UNet":
+        from .unet import UNet
+
+        return UNet
+    if name == "sample":
+        from .sampling import sample
+
+        return sample
+    if name == "train":
+        from .training import train
+
+        return train
+    raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")

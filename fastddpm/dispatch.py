@@ -1,0 +1,85 @@
+"""The one place a backend is chosen.
+
+``backend="auto"`` (or the ``FASTDDPM_BACKEND`` environment variable when the argument is "auto"):
+CUDA tensors -> ``triton`` (``cuda`` if triton is missing), CPU tensors -> ``cpu``; float64 always
+-> ``reference`` (the fused kernels compute in float32). A backend that cannot run falls back to
+``reference`` with ONE warning naming why. A backend asked for by name that cannot run raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned: set[tuple[str, str]] = set()
+
+
+def backend_module(name: str):
+    """The launcher module of a fused backend (``fastddpm.backends.<name>``)."""
+    return importlib.import_module(f"fastddpm.backends.{name}")
+
+
+def availability(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether backend ``name`` can run tensors on ``device`` here, and if not, why."""
+    device = torch.device(device)
+    if name == "reference":
+        return True, "plain PyTorch"
+    if name == "cpu" and device.type != "cpu":
+        return False, f"the cpu backend runs CPU tensors, not {device.type}"
+    if name == "cuda" and device.type != "cuda":
+        return False, f"the cuda backend runs CUDA tensors, not {device.type}"
+    try:
+        mod = backend_module(name)
+    except ImportError as e:  # pragma: no cover - a broken install
+        return False, f"cannot import fastddpm.backends.{name}: {e}"
+    try:
+        return mod.available(device)
+    except TypeError:
+        return mod.available()
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Name of the backend that will run a call on ``device``/``dtype``.
+
+    Raises ``ValueError`` for an unknown name, ``TypeError`` for an unsupported dtype and
+    ``RuntimeError`` when a backend asked for by name cannot run here.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; allowed: {', '.join(repr(b) for b in BACKENDS)}")
+    if dtype not in FUSED_DTYPES and dtype != torch.float64:
+        raise TypeError(f"unsupported dtype {dtype}; fastddpm ops take float32, float16, bfloat16 or float64 tensors")
+    name = requested
+    source = "backend="
+    if name == "auto":
+        env = os.environ.get("FASTDDPM_BACKEND", "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"FASTDDPM_BACKEND={env!r} is not a backend; allowed: {', '.join(BACKENDS)}")
+            name, source = env, "FASTDDPM_BACKEND="
+    if name != "auto":
+        if name != "reference" and dtype == torch.float64:
+            raise TypeError(f"the {name} backend computes in float32; use backend='reference' for float64 inputs")
+        ok, why = availability(name, device)
+        if not ok:
+            raise RuntimeError(f"{source}{name!r} cannot run here: {why}")
+        return name
+    if dtype == torch.float64:
+        return "reference"
+    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
+    reasons = []
+    for cand in candidates:
+        ok, why = availability(cand, device)
+        if ok:
+            return cand
+        reasons.append(f"{cand}: {why}")
+    why = "; ".join(reasons) or f"no fused backend for {device.type} tensors"
+    key = (device.type, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fastddpm: using the slow reference backend for {device.type} tensors ({why})", stacklevel=3)
+    return "reference"

@@ -1,0 +1,411 @@
+"""Public ops: ``q_sample``, ``ddpm_step``, ``ddim_step`` and ``randn`` on every backend.
+
+Each op validates its inputs, computes the step coefficients once in float64 (device ops, no host
+sync), picks a backend (:func:`fastddpm.dispatch.resolve_backend`) and runs either the reference
+math or ONE fused pass through a ``torch.library`` custom op (so ``torch.compile(fullgraph=True)``
+traces through it). Dynamic thresholding adds one reduction pass (x0 -> per-sample quantile) before
+the fused pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import _layout as L
+from . import reference
+from .coefficients import ddim_coefficients, ddpm_coefficients
+from .dispatch import backend_module, resolve_backend
+from .schedule import LEARNED_VARIANCES, Schedule
+
+Timestep = int | torch.Tensor
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastddpm::fused_step", mutates_args=())
+def _fused_step(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    coef: torch.Tensor,
+    tval: torch.Tensor,
+    rows: torch.Tensor,
+    thresh: torch.Tensor | None,
+    rng: torch.Tensor,
+    clip_mode: int,
+    clip_range: float,
+    var_mode: int,
+    noise_mode: int,
+    write_x0: bool,
+    x0_only: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused step on ``[B, N]`` views (see :mod:`fastddpm.backends`). Returns ``(prev, x0)``;
+    ``prev`` is empty when ``x0_only``, ``x0`` is empty when neither ``write_x0`` nor ``x0_only``."""
+    b, n = x.shape
+    prev = x.new_empty((0,)) if x0_only else torch.empty((b, n), dtype=x.dtype, device=x.device)
+    if x0_only:
+        x0 = torch.empty((b, n), dtype=torch.float32, device=x.device)
+    elif write_x0:
+        x0 = torch.empty((b, n), dtype=x.dtype, device=x.device)
+    else:
+        x0 = x.new_empty((0,))
+    backend_module(backend).step(
+        x, m, v, noise, None if x0_only else prev, x0 if (write_x0 or x0_only) else None,
+        coef, tval, rows, thresh, rng,
+        clip_mode=clip_mode, clip_range=clip_range, var_mode=var_mode, noise_mode=noise_mode, x0_only=x0_only,
+    )  # fmt: skip
+    return prev, x0
+
+
+@_fused_step.register_fake
+def _(x, m, v, noise, coef, tval, rows, thresh, rng, clip_mode, clip_range, var_mode, noise_mode, write_x0, x0_only, backend):
+    b, n = x.shape
+    prev = x.new_empty((0,)) if x0_only else x.new_empty((b, n))
+    if x0_only:
+        x0 = x.new_empty((b, n), dtype=torch.float32)
+    elif write_x0:
+        x0 = x.new_empty((b, n))
+    else:
+        x0 = x.new_empty((0,))
+    return prev, x0
+
+
+@torch.library.custom_op("fastddpm::fused_q_sample", mutates_args=())
+def _fused_q_sample(
+    x0: torch.Tensor, noise: torch.Tensor | None, table: torch.Tensor, t: torch.Tensor, rng: torch.Tensor,
+    noise_mode: int, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """Fused forward noising on a ``[B, N]`` view."""
+    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    backend_module(backend).q_sample(x0, noise, out, table, t, rng, noise_mode=noise_mode)
+    return out
+
+
+@_fused_q_sample.register_fake
+def _(x0, noise, table, t, rng, noise_mode, backend):
+    return x0.new_empty(x0.shape)
+
+
+@torch.library.custom_op("fastddpm::fused_randn", mutates_args=())
+def _fused_randn(
+    t: torch.Tensor, rng: torch.Tensor, b: int, n: int, stream: int, dtype: torch.dtype, backend: str
+) -> torch.Tensor:
+    """Counter-based normal ``[b, n]`` (see :mod:`fastddpm._layout`)."""
+    out = torch.empty((b, n), dtype=dtype, device=t.device)
+    backend_module(backend).randn(out, t, rng, stream=stream)
+    return out
+
+
+@_fused_randn.register_fake
+def _(t, rng, b, n, stream, dtype, backend):
+    return t.new_empty((b, n), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- validation
+def _validating() -> bool:
+    """Value checks read tensors on the host; skip them while tracing or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_tensor(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have a batch dimension and at least one more ([B, C, ...]); got shape {tuple(x.shape)}")
+
+
+def _timesteps(name: str, t: Timestep, batch: int, device: torch.device, low: int, high: int) -> torch.Tensor:
+    """Validate ``t`` (an int, or an integer tensor of shape [] / [1] / [B]) -> int64 ``[B]`` on ``device``."""
+    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+        if isinstance(t, float):
+            raise TypeError(f"{name} must be an int or an int64 tensor, got the float {t}")
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
+    if isinstance(t, int):
+        if not low <= t < high:
+            raise ValueError(f"{name}={t} is out of range [{low}, {high})")
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must have shape [] or [{batch}] (one timestep per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the sample is on {device}; move it to the same device")
+    t = t.to(torch.int64).reshape(-1).expand(batch)
+    if _validating() and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < low or hi >= high:
+            raise ValueError(f"{name} has values in [{lo}, {hi}], out of range [{low}, {high})")
+    return t
+
+
+def _prev_after(t: torch.Tensor, prev_t: torch.Tensor) -> None:
+    if _validating() and bool(((prev_t >= t) & (prev_t >= 0)).any()):
+        raise ValueError("prev_t must be smaller than t (use prev_t=-1 for the final step)")
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` -> ``[B, N]`` with unit inner stride (a view when possible, else a copy)."""
+    x2 = x.reshape(x.shape[0], -1)
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _rng(seed: int | None, sample_offset: int, device: torch.device) -> torch.Tensor:
+    if seed is None:  # follow torch.manual_seed, like torch.randn would
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+    seed &= (1 << 64) - 1
+    signed = seed - (1 << 64) if seed >= (1 << 63) else seed
+    return torch.tensor([signed, sample_offset], dtype=torch.int64, device=device)
+
+
+def _check_noise(noise: torch.Tensor | None, sample: torch.Tensor) -> None:
+    if noise is None:
+        return
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError("noise must be a floating-point tensor")
+    if noise.shape != sample.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but the sample has shape {tuple(sample.shape)}")
+    if noise.device != sample.device:
+        raise ValueError(f"noise is on {noise.device} but the sample is on {sample.device}")
+
+
+def _split_model_output(model_output: torch.Tensor, sample: torch.Tensor, schedule: Schedule, *, learned_needed: bool):
+    """Check shapes and split a 2C-channel output into (eps-like part, variance part)."""
+    _check_tensor("model_output", model_output)
+    if model_output.device != sample.device:
+        raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
+    learned = schedule.variance_type in LEARNED_VARIANCES
+    want = list(sample.shape)
+    if learned:
+        want[1] = 2 * sample.shape[1]
+    if list(model_output.shape) != want:
+        why = f" (variance_type={schedule.variance_type!r} needs 2C = {want[1]} channels)" if learned else ""
+        raise ValueError(
+            f"model_output has shape {tuple(model_output.shape)} but the schedule expects {tuple(want)} for a sample of "
+            f"shape {tuple(sample.shape)}{why}"
+        )
+    if model_output.dtype != sample.dtype:
+        model_output = model_output.to(sample.dtype)
+    if not learned:
+        return model_output, None
+    b = sample.shape[0]
+    m2 = model_output.contiguous().reshape(b, 2, -1)
+    m, v = m2[:, 0], m2[:, 1]
+    return m, (v if learned_needed else None)
+
+
+def _clip_mode(schedule: Schedule) -> int:
+    if schedule.thresholding:
+        return L.CLIP_THRESHOLD
+    return L.CLIP_RANGE if schedule.clip_sample else L.CLIP_NONE
+
+
+def _fused_update(
+    sample: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    coef: torch.Tensor,
+    t: torch.Tensor,
+    schedule: Schedule,
+    rng: torch.Tensor,
+    backend: str,
+    *,
+    noise_mode: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b = sample.shape[0]
+    x2, m2 = _as_rows(sample), _as_rows(m)
+    v2 = _as_rows(v) if v is not None else None
+    n2 = _as_rows(noise.to(sample.dtype)) if noise is not None else None
+    rows = torch.arange(b, dtype=torch.int64, device=sample.device)
+    clip_mode = _clip_mode(schedule)
+    var_mode = L.VAR_LEARNED if v is not None else L.VAR_FIXED
+    thresh = None
+    if clip_mode == L.CLIP_THRESHOLD:  # pass 1: x0 only, then the per-sample quantile s
+        _, x0 = _fused_step(x2, m2, None, None, coef, t, rows, None, rng, L.CLIP_NONE, 0.0, L.VAR_FIXED,
+                            L.NOISE_NONE, False, True, backend)  # fmt: skip
+        thresh = reference.dynamic_threshold(x0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
+        thresh = thresh.to(torch.float32).contiguous()
+    prev, x0 = _fused_step(x2, m2, v2, n2, coef, t, rows, thresh, rng, clip_mode, float(schedule.clip_sample_range),
+                           var_mode, noise_mode, True, False, backend)  # fmt: skip
+    return prev.reshape(sample.shape), x0.reshape(sample.shape)
+
+
+# ----------------------------------------------------------------------------- public ops
+def ddpm_step(
+    model_output: torch.Tensor,
+    t: Timestep,
+    sample: torch.Tensor,
+    schedule: Schedule,
+    *,
+    prev_t: Timestep | None = None,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    sample_offset: int = 0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse DDPM step, equal to diffusers' ``DDPMScheduler.step`` given the same noise.
+
+    Args:
+        model_output: ``[B, C, ...]`` (``[B, 2C, ...]`` for learned variances), float32/16/bf16/64.
+        t: current timestep, an int or an integer tensor ``[B]`` (one per sample).
+        sample: ``x_t``, ``[B, C, ...]``, same dtype and device as ``model_output``.
+        schedule: the :class:`Schedule`.
+        prev_t: timestep after the step (``None``: ``t - 1``; ``-1``: the final step).
+        noise: optional ``[B, C, ...]`` standard normal noise; ``None`` draws it from the counter-based
+            generator keyed by ``(seed, sample_offset + b, t, element)``.
+        seed: generator key (``None``: drawn from torch's global generator).
+        sample_offset: global index of sample 0 of the batch.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+    Returns:
+        ``(prev_sample, pred_original_sample)``, both shaped and typed like ``sample``. Noise is added
+        only where ``t > 0`` (diffusers' rule).
+    """
+    _check_tensor("sample", sample)
+    b, device = sample.shape[0], sample.device
+    T = schedule.num_train_timesteps
+    tt = _timesteps("t", t, b, device, 0, T)
+    pt = tt - 1 if prev_t is None else _timesteps("prev_t", prev_t, b, device, -1, T)
+    _prev_after(tt, pt)
+    _check_noise(noise, sample)
+    name = resolve_backend(backend, device, sample.dtype)
+    if name == "reference":
+        _split_model_output(model_output, sample, schedule, learned_needed=True)
+        if noise is None and seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        return reference.ddpm_step(model_output, tt, sample, schedule, pt, noise, seed, sample_offset)
+    m, v = _split_model_output(model_output, sample, schedule, learned_needed=True)
+    coef = ddpm_coefficients(schedule, tt, pt, check=_validating())
+    rng = _rng(seed, sample_offset, device)
+    mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
+    return _fused_update(sample, m, v, noise, coef, tt, schedule, rng, name, noise_mode=mode)
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    t: Timestep,
+    sample: torch.Tensor,
+    schedule: Schedule,
+    *,
+    prev_t: Timestep,
+    eta: float = 0.0,
+    use_clipped_model_output: bool = False,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    sample_offset: int = 0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step, equal to diffusers' ``DDIMScheduler.step`` with ``variance_noise=noise``.
+
+    Arguments as :func:`ddpm_step`; ``prev_t`` is required (``-1``: the final step, where
+    ``abar_prev`` is 1, or abar_0 when ``schedule.set_alpha_to_one`` is False), ``eta`` scales the
+    noise (0: deterministic DDIM, 1: DDPM-like). A learned-variance half of the output is ignored.
+    """
+    _check_tensor("sample", sample)
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    b, device = sample.shape[0], sample.device
+    T = schedule.num_train_timesteps
+    tt = _timesteps("t", t, b, device, 0, T)
+    pt = _timesteps("prev_t", prev_t, b, device, -1, T)
+    _prev_after(tt, pt)
+    _check_noise(noise, sample)
+    name = resolve_backend(backend, device, sample.dtype)
+    if name == "reference":
+        _split_model_output(model_output, sample, schedule, learned_needed=False)
+        if noise is None and seed is None and eta > 0:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        return reference.ddim_step(model_output, tt, sample, schedule, pt, float(eta), use_clipped_model_output,
+                                   noise, seed, sample_offset)  # fmt: skip
+    m, _ = _split_model_output(model_output, sample, schedule, learned_needed=False)
+    coef = ddim_coefficients(
+        schedule, tt, pt, eta=float(eta), use_clipped_model_output=use_clipped_model_output, check=_validating()
+    )
+    if eta == 0:  # deterministic: no noise is read or made
+        mode, noise, rng = L.NOISE_NONE, None, _rng(0, 0, device)
+    else:
+        mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
+        rng = _rng(seed, sample_offset, device)
+    return _fused_update(sample, m, None, noise, coef, tt, schedule, rng, name, noise_mode=mode)
+
+
+def q_sample(
+    x0: torch.Tensor,
+    t: Timestep,
+    schedule: Schedule,
+    noise: torch.Tensor | None = None,
+    *,
+    seed: int | None = None,
+    sample_offset: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Forward noising ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``, equal to diffusers' ``add_noise``.
+
+    Args:
+        x0: clean data ``[B, ...]``.
+        t: int or integer tensor ``[B]``.
+        noise: optional ``[B, ...]``; ``None`` makes it in the kernel (stream ``STREAM_QSAMPLE``).
+    Returns:
+        ``x_t`` shaped and typed like ``x0``. Differentiable with respect to ``x0`` only on the
+        reference backend; for training, the noise target comes from :func:`randn` with the same key.
+    """
+    _check_tensor("x0", x0)
+    b, device = x0.shape[0], x0.device
+    tt = _timesteps("t", t, b, device, 0, schedule.num_train_timesteps)
+    _check_noise(noise, x0)
+    name = resolve_backend(backend, device, x0.dtype)
+    if name == "reference" or x0.requires_grad:
+        if noise is None and seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        return reference.q_sample(x0, tt, schedule, noise, seed, sample_offset)
+    rng = _rng(seed, sample_offset, device)
+    n2 = _as_rows(noise.to(x0.dtype)) if noise is not None else None
+    table = schedule.table("q_sample", device)
+    mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
+    return _fused_q_sample(_as_rows(x0), n2, table, tt, rng, mode, name).reshape(x0.shape)
+
+
+def randn(
+    shape: Sequence[int],
+    *,
+    seed: int,
+    sample_offset: int = 0,
+    t: Timestep = 0,
+    stream: int = L.STREAM_INIT,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Counter-based standard normal tensor ``shape = [B, ...]``.
+
+    Element ``e`` of sample ``b`` is a pure function of ``(seed, sample_offset + b, t[b], e, stream)``
+    (:mod:`fastddpm._layout`), identical on every backend. ``stream`` picks the use:
+    ``STREAM_INIT`` (x_T), ``STREAM_STEP`` (the reverse-step noise), ``STREAM_QSAMPLE`` (training noise).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"bad shape {shape}")
+    if stream not in (L.STREAM_STEP, L.STREAM_QSAMPLE, L.STREAM_INIT):
+        raise ValueError(f"unknown stream {stream}; allowed: STREAM_STEP=0, STREAM_QSAMPLE=1, STREAM_INIT=2")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    b = shape[0]
+    n = math.prod(shape[1:])
+    tt = _timesteps("t", t, b, device, 0, 2**31)
+    name = resolve_backend(backend, device, dtype)
+    if name == "reference":
+        return reference.step_noise(torch.Size(shape), tt, seed, sample_offset, stream, dtype)
+    rng = _rng(seed, sample_offset, device)
+    return _fused_randn(tt, rng, b, n, stream, dtype, name).reshape(shape)
