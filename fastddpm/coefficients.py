@@ -79,10 +79,12 @@ def ddim_coefficients(
     cx, cm = _x0_coefficients(schedule, s.abar_t)
     coef[:, L.COEF_CX], coef[:, L.COEF_CM] = cx, cm
     pt = schedule.prediction_type
-    if use_clipped_model_output or pt == "sample":  # eps re-derived from (clipped) x0
+    if use_clipped_model_output:  # eps re-derived from the clipped x0
         coef[:, L.COEF_EX], coef[:, L.COEF_E0] = 1.0 / sb, -sa / sb
     elif pt == "epsilon":
         coef[:, L.COEF_EM] = 1.0
+    elif pt == "sample":  # eps from the unclipped prediction m = x0
+        coef[:, L.COEF_EX], coef[:, L.COEF_EM] = 1.0 / sb, -sa / sb
     else:  # v_prediction: eps = sqrt(abar) v + sqrt(1-abar) x
         coef[:, L.COEF_EX], coef[:, L.COEF_EM] = sb, sa
     # sigma_t(eta) = eta * sqrt((1-abar_prev)/(1-abar_t) * (1 - abar_t/abar_prev))    (eq. 16)

@@ -1,0 +1,463 @@
+"""``fastddpm.sample``: the sampling loop.
+
+Two noise modes:
+
+* **seed mode** (default): x_T and every step's noise come from the counter-based generator keyed by
+  global sample index, so sample ``i`` is the same image whatever the batch size, backend, device or
+  number of processes.
+* **generator mode** (``generator=torch.Generator``): noise is drawn from the generator exactly as
+  diffusers' ``DDPMPipeline`` draws it (x_T first, then one z per step with t > 0), so the result
+  equals the pipeline's.
+
+On CUDA (``cuda_graph="auto"``) a whole step, U-Net forward plus the fused update, is captured once in a
+CUDA graph (optionally several steps per graph) and replayed: the step counter, the coefficient table,
+the timestep table and the RNG key live on the device, so the loop does no host sync and no
+host-to-device copy per step (see :mod:`fastddpm.graphs`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import _layout as L
+from .coefficients import ddim_coefficients, ddpm_coefficients
+from .dispatch import backend_module, resolve_backend
+from .ops import _clip_mode, _split_model_output
+from .reference import dynamic_threshold
+from .schedule import LEARNED_VARIANCES, Schedule
+
+SAMPLERS = ("ddpm", "ddim", "x0")
+
+
+class NonFiniteSampleError(FloatingPointError):
+    """Sampling produced NaN or Inf; ``step`` is the index of the first step where it appeared."""
+
+    def __init__(self, step: int, timestep: int, num_steps: int):
+        self.step, self.timestep = step, timestep
+        super().__init__(
+            f"non-finite values appeared at sampling step {step} of {num_steps} (timestep t={timestep}); "
+            "check the model (try dtype=torch.float32) and the schedule"
+        )
+
+
+def model_call(model: Callable[..., Any], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Run ``model(x, t)`` and return a tensor (unwraps diffusers' ``.sample`` outputs and tuples)."""
+    out = model(x, t)
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned {type(out).__name__}; expected a tensor or an object with .sample")
+
+
+def infer_shape(model: Any, shape: tuple[int, ...] | None) -> tuple[int, int, int]:
+    """(C, H, W) of one sample: ``shape`` if given, else from ``model.config`` (sample_size, in_channels)."""
+    if shape is not None:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"shape must be (C, H, W), got {shape}")
+        return shape  # type: ignore[return-value]
+    cfg = getattr(model, "config", None)
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    if cfg is not None and get("sample_size") is not None and get("in_channels") is not None:
+        size = get("sample_size")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(get("in_channels")), int(h), int(w)
+    raise ValueError("cannot tell the sample shape from this model: pass shape=(C, H, W)")
+
+
+@dataclass
+class StepPlan:
+    """A trajectory's timesteps and coefficients, resident on the sampling device.
+
+    ``pairs`` is the host copy of ``[S, 2]`` (t, prev_t); ``coef`` ``[S, NCOEF]`` float32, ``tval`` ``[S]``
+    int64 (t of each step) live on the device; kernels index them with the device step counter.
+    """
+
+    sampler: str
+    pairs: torch.Tensor
+    coef: torch.Tensor
+    tval: torch.Tensor
+    noise_mode: int
+
+    @property
+    def num_steps(self) -> int:
+        return self.pairs.shape[0]
+
+
+def make_plan(
+    schedule: Schedule,
+    sampler: str,
+    num_inference_steps: int | None,
+    timestep_spacing: str | None,
+    eta: float,
+    device: torch.device,
+) -> StepPlan:
+    """Timesteps for ``sampler`` and their float32 coefficient rows (checked finite once, here)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
+    if sampler == "x0":  # one shot: x0 predicted from x_T at the first timestep, nothing after it
+        pairs = schedule.timesteps(num_inference_steps, timestep_spacing)[:1].clone()
+        pairs[0, 1] = -1
+    else:
+        pairs = schedule.timesteps(num_inference_steps, timestep_spacing, sampler=sampler)
+    t = pairs[:, 0].to(device)
+    prev = pairs[:, 1].to(device)
+    if sampler == "ddim":
+        coef = ddim_coefficients(schedule, t, prev, eta=eta, check=True)
+        noise_mode = L.NOISE_PHILOX if eta > 0 else L.NOISE_NONE
+    else:
+        coef = ddpm_coefficients(schedule, t, prev, check=True)
+        noise_mode = L.NOISE_PHILOX if sampler == "ddpm" else L.NOISE_NONE
+    return StepPlan(sampler, pairs, coef.contiguous(), t.contiguous(), noise_mode)
+
+
+class Trajectory:
+    """Runs one batch through every step of a :class:`StepPlan` with the fused update.
+
+    All per-step state is on the device: ``x`` (float32 ``[B, C, H, W]``, updated in place), ``step``
+    (int64 ``[1]``), ``rng`` (int64 ``[2]`` = seed, sample offset) and ``first_bad`` (int64 ``[1]``, the
+    first step whose output was not finite, ``S`` if none). :meth:`step_once` is what a CUDA graph captures.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        schedule: Schedule,
+        plan: StepPlan,
+        batch: int,
+        shape: tuple[int, int, int],
+        device: torch.device,
+        backend: str,
+        dtype: torch.dtype | None,
+    ):
+        self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
+        self.device, self.batch, self.shape = device, batch, shape
+        self.autocast_dtype = dtype if dtype not in (None, torch.float32) else None
+        self.x = torch.zeros((batch, *shape), dtype=torch.float32, device=device)
+        self.x0 = torch.zeros_like(self.x) if plan.sampler == "x0" else None
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        self.rng = torch.zeros(2, dtype=torch.int64, device=device)
+        self.first_bad = torch.full((1,), plan.num_steps, dtype=torch.int64, device=device)
+        self.clip_mode = _clip_mode(schedule)
+        self.learned = schedule.variance_type in LEARNED_VARIANCES and plan.sampler == "ddpm"
+        self._launch = backend_module(backend).step if backend != "reference" else None
+
+    # -- one step, device-resident state only ---------------------------------------------------
+    def model_output(self) -> torch.Tensor:
+        t = self.plan.tval.index_select(0, self.step).expand(self.batch)
+        x = self.x
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out = model_call(self.model, x, t)
+        else:
+            out = model_call(self.model, x, t)
+        return out.float()
+
+    def step_once(self, noise: torch.Tensor | None = None) -> None:
+        """x <- step(x) for the step at ``self.step``; then ``step += 1``. No host sync."""
+        out = self.model_output()
+        b, plan = self.batch, self.plan
+        m, v = _split_model_output(out, self.x, self.schedule, learned_needed=self.learned)
+        x2 = self.x.view(b, -1)
+        m2 = m.reshape(b, -1)
+        v2 = v.reshape(b, -1) if v is not None else None
+        rows = self.step.expand(b)
+        noise_mode = plan.noise_mode if noise is None else L.NOISE_TENSOR
+        n2 = noise.reshape(b, -1) if noise is not None else None
+        thresh = None
+        if self.clip_mode == L.CLIP_THRESHOLD:
+            x0 = torch.empty_like(x2)
+            self._run(x2, m2, None, None, None, x0, rows, None, L.CLIP_NONE, L.VAR_FIXED, L.NOISE_NONE, True)
+            thresh = dynamic_threshold(x0, self.schedule.dynamic_thresholding_ratio, self.schedule.sample_max_value)
+        x0_out = self.x0.view(b, -1) if self.x0 is not None else None
+        var_mode = L.VAR_LEARNED if v2 is not None else L.VAR_FIXED
+        self._run(x2, m2, v2, n2, x2, x0_out, rows, thresh, self.clip_mode, var_mode, noise_mode, False)
+        bad = ~torch.isfinite(x2).all()
+        self.first_bad.copy_(torch.where(bad & (self.first_bad == plan.num_steps), self.step, self.first_bad))
+        self.step.add_(1)
+
+    def _run(self, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only):
+        if self._launch is not None:
+            self._launch(
+                x2, m2, v2, n2, None if x0_only else prev, x0_out, self.plan.coef, self.plan.tval, rows, thresh,
+                self.rng, clip_mode=clip_mode, clip_range=float(self.schedule.clip_sample_range),
+                var_mode=var_mode, noise_mode=noise_mode, x0_only=x0_only,
+            )  # fmt: skip
+        else:
+            _reference_update(self, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only)
+
+    def reset(self, x_init: torch.Tensor, seed: int, sample_offset: int) -> None:
+        self.x.copy_(x_init)
+        self.step.zero_()
+        self.first_bad.fill_(self.plan.num_steps)
+        signed = seed - (1 << 64) if seed >= (1 << 63) else seed
+        self.rng.copy_(torch.tensor([signed, sample_offset], dtype=torch.int64))
+
+    def check_finite(self) -> None:
+        bad = int(self.first_bad.item())
+        if bad < self.plan.num_steps:
+            raise NonFiniteSampleError(bad, int(self.plan.pairs[bad, 0]), self.plan.num_steps)
+
+    def result(self) -> torch.Tensor:
+        return self.x0 if self.x0 is not None else self.x
+
+
+def _reference_update(traj, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only):
+    """The kernel contract in plain PyTorch (used when no fused backend can run, e.g. float64 or no compiler)."""
+    from .noise import philox_normal
+
+    c = traj.plan.coef.index_select(0, rows).unsqueeze(-1)
+    col = lambda k: c[:, k]
+    x0 = col(L.COEF_CX) * x2 + col(L.COEF_CM) * m2
+    if clip_mode == L.CLIP_RANGE:
+        r = traj.schedule.clip_sample_range
+        x0 = x0.clamp(-r, r)
+    elif clip_mode == L.CLIP_THRESHOLD:
+        s = thresh.reshape(-1, 1)
+        x0 = torch.clamp(x0, -s, s) / s
+    if x0_only:
+        x0_out.copy_(x0)
+        return
+    eps = col(L.COEF_EX) * x2 + col(L.COEF_EM) * m2 + col(L.COEF_E0) * x0
+    mean = col(L.COEF_P0) * x0 + col(L.COEF_PX) * x2 + col(L.COEF_PE) * eps
+    if x0_out is not None:
+        x0_out.copy_(x0)
+    if noise_mode == L.NOISE_NONE:
+        prev.copy_(mean)
+        return
+    std = torch.exp(0.5 * (col(L.COEF_LVA) * v2 + col(L.COEF_LVB))) if var_mode == L.VAR_LEARNED else col(L.COEF_STD)
+    if noise_mode == L.NOISE_TENSOR:
+        z = n2
+    else:
+        seed, offset = (int(v) for v in traj.rng.tolist())
+        g = torch.arange(offset, offset + x2.shape[0], dtype=torch.int64, device=x2.device)
+        z = philox_normal(seed, g, traj.plan.tval.index_select(0, rows), x2.shape[1], L.STREAM_STEP)
+    prev.copy_(torch.where(col(L.COEF_GATE) > 0, mean + std * z, mean))
+
+
+def _resolve_device(model: Any, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        p = next(model.parameters(), None)
+        if p is not None:
+            return p.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _want_graphs(cuda_graph: Any, device: torch.device, generator: Any) -> bool:
+    if cuda_graph in (False, "off", "never", None):
+        return False
+    if cuda_graph not in (True, "auto", "on", "always"):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if device.type != "cuda":
+        if cuda_graph in (True, "on", "always"):
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        return False
+    return generator is None
+
+
+def iter_batches(
+    model: Callable[..., Any],
+    schedule: Schedule,
+    start: int,
+    stop: int,
+    *,
+    num_inference_steps: int | None = None,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    timestep_spacing: str | None = "leading",
+    batch_size: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    cuda_graph: Any = "auto",
+    shape: tuple[int, int, int] | None = None,
+    steps_per_graph: int = 1,
+    backend: str = "auto",
+    progress: Any = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Seed-mode sampling of global sample indices ``[start, stop)``; yields ``(first_index, images)``.
+
+    ``images`` is float32 ``[b, C, H, W]`` in [-1, 1] on the sampling device. Used by :func:`sample`
+    and by the sharded writer of the CLI (each shard is a range of global indices).
+    """
+    device = _resolve_device(model, device)
+    chw = infer_shape(model, shape)
+    n = stop - start
+    if n <= 0:
+        return
+    bs = min(batch_size or n, n)
+    plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device)
+    name = resolve_backend(backend, device, torch.float32)
+    use_graphs = _want_graphs(cuda_graph, device, None)
+    runners: dict[int, Any] = {}
+    for off in range(start, stop, bs):
+        b = min(bs, stop - off)
+        if b not in runners:
+            traj = Trajectory(model, schedule, plan, b, chw, device, name, dtype)
+            runners[b] = _make_runner(traj, use_graphs, steps_per_graph, cuda_graph)
+        runner = runners[b]
+        traj = runner.traj
+        x_init = _init_noise(b, chw, seed, off, schedule, device, name)
+        traj.reset(x_init, seed, off)
+        runner.run(progress)
+        traj.check_finite()
+        yield off, traj.result().clamp(-1.0, 1.0).clone()
+
+
+def _init_noise(b, chw, seed, offset, schedule, device, backend) -> torch.Tensor:
+    from .ops import randn
+
+    t = schedule.num_train_timesteps  # x_T is keyed by t = T, stream STREAM_INIT
+    return randn((b, *chw), seed=seed, sample_offset=offset, t=t, stream=L.STREAM_INIT, device=device, backend=backend)
+
+
+def _make_runner(traj: Trajectory, use_graphs: bool, steps_per_graph: int, cuda_graph: Any):
+    from .graphs import EagerRunner, GraphRunner
+
+    if use_graphs:
+        try:
+            return GraphRunner(traj, steps_per_graph)
+        except Exception as e:  # a model that syncs or allocates on the host during capture
+            if cuda_graph in (True, "on", "always"):
+                raise
+            warnings.warn(f"fastddpm: CUDA graph capture failed ({type(e).__name__}: {e}); sampling eagerly", stacklevel=3)
+    return EagerRunner(traj)
+
+
+def _generator_mode(
+    model, schedule, num_samples, plan: StepPlan, generator: torch.Generator, device, dtype, chw, backend, progress
+) -> torch.Tensor:
+    """Noise drawn from ``generator`` in DDPMPipeline's order: x_T, then one z per step with t > 0."""
+    model_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
+    gdev = generator.device
+
+    def draw(shape):
+        return torch.randn(shape, generator=generator, device=gdev, dtype=model_dtype).to(device)
+
+    name = resolve_backend(backend, device, torch.float32)
+    traj = Trajectory(model, schedule, plan, num_samples, chw, device, name, dtype)
+    traj.reset(draw((num_samples, *chw)).float(), 0, 0)
+    for i in range(plan.num_steps):
+        t = int(plan.pairs[i, 0])
+        z = None
+        if plan.noise_mode != L.NOISE_NONE:
+            # DDPMScheduler draws z only when t > 0; DDIMScheduler draws it at every step when eta > 0.
+            drawn = t > 0 or plan.sampler == "ddim"
+            z = draw((num_samples, *chw)).float() if drawn else torch.zeros_like(traj.x)
+        traj.step_once(z)
+        if progress is not None:
+            progress.update(1)
+    traj.check_finite()
+    return traj.result().clamp(-1.0, 1.0)
+
+
+def sample(
+    model: Callable[..., Any],
+    schedule: Schedule,
+    num_samples: int,
+    *,
+    num_inference_steps: int | None = None,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    timestep_spacing: str | None = "leading",
+    batch_size: int | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    cuda_graph: Any = "auto",
+    progress: bool = True,
+    shape: tuple[int, int, int] | None = None,
+    steps_per_graph: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Draw ``num_samples`` images from a diffusion model.
+
+    Args:
+        model: a callable ``(x [B, C, H, W] float, t [B] int64) -> [B, C or 2C, H, W]``, or a module whose
+            output has ``.sample`` (a diffusers ``UNet2DModel`` works as is).
+        schedule: the :class:`Schedule` the model was trained with.
+        num_samples: number of images N.
+        num_inference_steps: steps (``None``: all ``num_train_timesteps``); fewer use the schedule's
+            respacing with ``timestep_spacing`` (``"leading"``, ``"linspace"``, ``"trailing"``, ``None`` for
+            the schedule's own, or a respacing string such as ``"ddim50"``).
+        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``), or ``"x0"`` (one shot: x0 predicted
+            from x_T, no further steps).
+        batch_size: images per batch (default all). In seed mode the images do not depend on it.
+        seed: key of the counter-based noise (seed mode).
+        generator: a ``torch.Generator``: draw noise from it exactly as diffusers' ``DDPMPipeline`` does
+            (single batch, eager).
+        device: where to sample (default: the model's device).
+        dtype: ``torch.bfloat16``/``torch.float16`` runs the model under autocast; the step math stays fp32.
+        cuda_graph: ``"auto"`` captures steps in CUDA graphs on GPU (falls back to eager with one warning if
+            capture fails), ``True`` requires it, ``False`` disables it.
+        progress: show a tqdm bar (steps/s and images).
+        shape: ``(C, H, W)`` when the model has no ``config`` with ``sample_size``/``in_channels``.
+        steps_per_graph: steps captured per CUDA graph (fewer launches; same images).
+        backend: fused backend for the step (``"auto"`` picks one).
+    Returns:
+        float32 ``[N, C, H, W]`` in [-1, 1], on ``device``.
+
+    When ``torch.distributed`` is initialised, each rank samples a disjoint contiguous range of global
+    indices and the result is all-gathered, so every rank returns the same N images, equal to a
+    single-process run with the same seed.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
+    device = _resolve_device(model, device)
+    chw = infer_shape(model, shape)
+    plan_steps = 1 if sampler == "x0" else len(schedule.timesteps(num_inference_steps, timestep_spacing))
+    from .progress import progress_bar
+
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode(), progress_bar(progress, num_samples, plan_steps, batch_size) as bar:
+            if generator is not None:
+                if batch_size is not None and batch_size < num_samples:
+                    raise ValueError(
+                        "generator mode draws noise for the whole batch at each step, as DDPMPipeline does; "
+                        "use batch_size=None (or >= num_samples), or seed mode for batched sampling"
+                    )
+                plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device)
+                return _generator_mode(model, schedule, num_samples, plan, generator, device, dtype, chw, backend, bar)
+            from .distributed import rank_range, gather_samples
+
+            start, stop = rank_range(num_samples)
+            parts = []
+            t0 = time.perf_counter()
+            for _, images in iter_batches(
+                model, schedule, start, stop, num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
+                timestep_spacing=timestep_spacing, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+                cuda_graph=cuda_graph, shape=chw, steps_per_graph=steps_per_graph, backend=backend, progress=bar,
+            ):  # fmt: skip
+                parts.append(images)
+                if bar is not None:
+                    bar.set_postfix(images=f"{sum(p.shape[0] for p in parts)}/{stop - start}",
+                                    elapsed=f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
+            local = torch.cat(parts) if parts else torch.empty((0, *chw), device=device)
+            return gather_samples(local, num_samples)
+    finally:
+        if was_training:
+            model.train()
+
+
+def num_batches(n: int, batch_size: int | None) -> int:
+    return 1 if not batch_size else math.ceil(n / batch_size)

@@ -1,0 +1,273 @@
+"""Every fused backend that can run here against the float64 reference, through the public ops.
+
+The triton backend runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import Schedule
+from fastddpm import _layout as L
+from fastddpm.dispatch import availability
+
+FUSED = ["cpu", "triton"]
+
+
+def _backend(name: str) -> str:
+    ok, why = availability(name, "cpu")
+    if not ok:
+        pytest.skip(f"{name} backend unavailable here: {why}")
+    return name
+
+
+@pytest.fixture(params=FUSED)
+def backend(request):
+    return _backend(request.param)
+
+
+PRED = ["epsilon", "sample", "v_prediction"]
+VAR = ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+CLIP = ["none", "clip", "threshold"]
+CLIP_CFG = {
+    "none": dict(clip_sample=False),
+    "clip": dict(clip_sample=True, clip_sample_range=1.5),
+    "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0),
+}
+SHAPE = (3, 5, 7, 11)  # odd, N = 385 is not a multiple of 4
+
+
+def _inputs(schedule: Schedule, shape=SHAPE, dtype=torch.float32, strided=False):
+    b, c = shape[:2]
+    mc = 2 * c if schedule.variance_type in ("learned", "learned_range") else c
+    x = torch.randn(shape, dtype=torch.float64) * 1.3
+    m = torch.randn((b, mc, *shape[2:]), dtype=torch.float64)
+    if schedule.variance_type == "learned_range":
+        m[:, c:] = torch.rand_like(m[:, c:]) * 2 - 1
+    if strided:  # every other element along the last dim: non-contiguous views of bigger buffers
+        x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
+        m = torch.repeat_interleave(m, 2, dim=-1)[..., ::2]
+        assert not x.is_contiguous()
+    return x.to(dtype), m.to(dtype)
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).abs().max())
+
+
+@pytest.mark.parametrize("pred,var,clip", list(itertools.product(PRED, VAR, CLIP)))
+def test_ddpm_step_vs_float64_reference(backend, pred, var, clip):
+    schedule = Schedule(prediction_type=pred, variance_type=var, **CLIP_CFG[clip])
+    x, m = _inputs(schedule, strided=(pred == "epsilon"))
+    z = torch.randn(SHAPE)
+    t = torch.tensor([999, 400, 1])
+    prev_t = torch.tensor([980, 37, 0])
+    ref = fastddpm.ddpm_step(m.double(), t, x.double(), schedule, prev_t=prev_t, noise=z.double(), backend="reference")
+    out = fastddpm.ddpm_step(m, t, x, schedule, prev_t=prev_t, noise=z, backend=backend)
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.float32 and o.shape == r.shape
+        scale = 1.0 + r.abs()
+        assert float(((o.double() - r).abs() / scale).max()) < 2e-5
+    # in-kernel noise: same numbers as the reference generator
+    ref_s = fastddpm.ddpm_step(m.double(), t, x.double(), schedule, prev_t=prev_t, seed=7, sample_offset=5, backend="reference")
+    out_s = fastddpm.ddpm_step(m, t, x, schedule, prev_t=prev_t, seed=7, sample_offset=5, backend=backend)
+    assert float(((out_s[0].double() - ref_s[0]).abs() / (1 + ref_s[0].abs())).max()) < 2e-5
+
+
+@pytest.mark.parametrize("pred,clip", list(itertools.product(PRED, CLIP)))
+@pytest.mark.parametrize("eta,use_clipped", [(0.0, False), (0.5, True), (1.0, False)])
+def test_ddim_step_vs_float64_reference(backend, pred, clip, eta, use_clipped):
+    schedule = Schedule(prediction_type=pred, set_alpha_to_one=clip != "none", **CLIP_CFG[clip])
+    x, m = _inputs(schedule)
+    z = torch.randn(SHAPE)
+    t, prev_t = torch.tensor([999, 500, 20]), torch.tensor([979, 480, -1])
+    kw = dict(prev_t=prev_t, eta=eta, use_clipped_model_output=use_clipped)
+    ref = fastddpm.ddim_step(m.double(), t, x.double(), schedule, noise=z.double(), backend="reference", **kw)
+    out = fastddpm.ddim_step(m, t, x, schedule, noise=z, backend=backend, **kw)
+    for o, r in zip(out, ref):
+        assert float(((o.double() - r).abs() / (1 + r.abs())).max()) < 2e-5
+    ref_s = fastddpm.ddim_step(m.double(), t, x.double(), schedule, seed=3, backend="reference", **kw)
+    out_s = fastddpm.ddim_step(m, t, x, schedule, seed=3, backend=backend, **kw)
+    assert float(((out_s[0].double() - ref_s[0]).abs() / (1 + ref_s[0].abs())).max()) < 2e-5
+
+
+def test_q_sample_vs_float64_reference(backend):
+    schedule = Schedule(beta_schedule="squaredcos_cap_v2")
+    x0 = torch.randn(SHAPE)[:, :, ::2]  # strided
+    z = torch.randn(x0.shape)
+    t = torch.tensor([0, 311, 999])
+    ref = fastddpm.q_sample(x0.double(), t, schedule, z.double(), backend="reference")
+    assert _err(fastddpm.q_sample(x0, t, schedule, z, backend=backend), ref) < 1e-5
+    ref_s = fastddpm.q_sample(x0.double(), t, schedule, seed=11, sample_offset=2, backend="reference")
+    assert _err(fastddpm.q_sample(x0, t, schedule, seed=11, sample_offset=2, backend=backend), ref_s) < 2e-5
+    target = fastddpm.randn(x0.shape, seed=11, sample_offset=2, t=t, stream=fastddpm.STREAM_QSAMPLE, backend=backend)
+    a = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(ref_s, a.sqrt() * x0.double() + (1 - a).sqrt() * target.double(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_within_2x_of_plain_torch(backend, dtype):
+    """Fused fp16/bf16 (fp32 math) must be no worse than ~2x a plain eager formula computed in that dtype."""
+    schedule = Schedule(variance_type="fixed_large")
+    x, m = _inputs(schedule, shape=(4, 3, 16, 16))
+    z = torch.randn(x.shape, dtype=torch.float64)
+    t = torch.tensor([999, 600, 50, 3])
+    ref, ref_x0 = fastddpm.ddpm_step(m, t, x, schedule, noise=z, backend="reference")
+    xl, ml, zl = x.to(dtype), m.to(dtype), z.to(dtype)
+    out, out_x0 = fastddpm.ddpm_step(ml, t, xl, schedule, noise=zl, backend=backend)
+    assert out.dtype == dtype
+    # plain torch in the low dtype, diffusers style: coefficients cast to the data dtype
+    s = schedule.step_terms(t, t - 1)
+    c = lambda v: v.to(dtype).reshape(-1, 1, 1, 1)
+    x0 = ((xl - c((1 - s.abar_t).sqrt()) * ml) / c(s.abar_t.sqrt())).clamp(-1, 1)
+    plain = c(s.mean_coef_x0) * x0 + c(s.mean_coef_xt) * xl + c(s.beta_t.sqrt()) * zl
+    # compare against the float64 reference on the same (rounded) inputs
+    ref, _ = fastddpm.ddpm_step(ml.double(), t, xl.double(), schedule, noise=zl.double(), backend="reference")
+    assert _err(out, ref) <= 2 * _err(plain, ref) + 1e-3
+
+
+def test_noise_identity_and_batch_independence(backend):
+    """Sample g's noise depends on (seed, g, t, e, stream) only: not on batch size, offset or backend."""
+    shape = (6, 3, 5, 7)
+    t = torch.tensor([5, 5, 9, 9, 100, 0])
+    full = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_STEP, backend=backend)
+    ref = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_STEP, backend="reference")
+    assert _err(full, ref.double()) < 1e-5
+    part = fastddpm.randn((3, 3, 5, 7), seed=123, sample_offset=2, t=t[2:5], stream=fastddpm.STREAM_STEP, backend=backend)
+    assert torch.equal(part, full[2:5])
+    other_stream = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_INIT, backend=backend)
+    assert not torch.allclose(other_stream, full)
+
+
+def test_noise_statistics():
+    z = fastddpm.randn((64, 4096), seed=1, t=10, stream=fastddpm.STREAM_STEP).double()
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / n**0.5
+    assert abs(float(z.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert abs(float((z.abs() < 1).double().mean()) - 0.682689) < 0.01
+    assert abs(float((z.abs() > 3).double().mean()) - 0.0026998) < 0.001
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).mean() / (a.std() * b.std()))
+
+    lim = 5 / n**0.5
+    assert abs(corr(z[:, 1:], z[:, :-1])) < lim * 1.5  # neighbouring elements (incl. Box-Muller pairs)
+    assert abs(corr(z[:, 0::2], z[:, 1::2])) < lim * 1.5  # the cos/sin pair of one Box-Muller draw
+    assert abs(corr(z[1:], z[:-1])) < lim * 1.5  # neighbouring samples
+    z2 = fastddpm.randn((64, 4096), seed=1, t=11, stream=fastddpm.STREAM_STEP).double()
+    assert abs(corr(z, z2)) < lim  # consecutive steps
+    z3 = fastddpm.randn((64, 4096), seed=2, t=10, stream=fastddpm.STREAM_STEP).double()
+    assert abs(corr(z, z3)) < lim  # seeds
+
+
+def test_noise_added_only_where_t_positive(backend):
+    schedule = Schedule()
+    x, m = _inputs(schedule)
+    a, _ = fastddpm.ddpm_step(m, torch.tensor([0, 0, 0]), x, schedule, prev_t=-1, seed=1, backend=backend)
+    b, _ = fastddpm.ddpm_step(m, 0, x, schedule, prev_t=-1, seed=2, backend=backend)
+    assert torch.equal(a, b)
+
+
+def test_auto_backend_and_env_override(monkeypatch):
+    schedule = Schedule()
+    x, m = _inputs(schedule)
+    monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
+    ref = fastddpm.ddpm_step(m, 10, x, schedule, seed=0)
+    monkeypatch.setenv("FASTDDPM_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTDDPM_BACKEND"):
+        fastddpm.ddpm_step(m, 10, x, schedule, seed=0)
+    monkeypatch.delenv("FASTDDPM_BACKEND")
+    auto = fastddpm.ddpm_step(m, 10, x, schedule, seed=0)
+    torch.testing.assert_close(auto, ref, atol=2e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+BAD = Schedule()
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda x, m: fastddpm.ddpm_step(m[:, :2], 5, x, BAD), ValueError, r"expects \(3, 5, 7, 11\)"),
+        (lambda x, m: fastddpm.ddpm_step(m, 5, x, Schedule(variance_type="learned_range")), ValueError, "needs 2C = 10"),
+        (lambda x, m: fastddpm.ddpm_step(m, 1000, x, BAD), ValueError, r"out of range \[0, 1000\)"),
+        (lambda x, m: fastddpm.ddpm_step(m, -1, x, BAD), ValueError, "out of range"),
+        (lambda x, m: fastddpm.ddpm_step(m, torch.tensor([5, 6, 1000]), x, BAD), ValueError, "out of range"),
+        (lambda x, m: fastddpm.ddpm_step(m, 5, x, BAD, prev_t=5), ValueError, "smaller than t"),
+        (lambda x, m: fastddpm.ddpm_step(m, 5, x, BAD, prev_t=-2), ValueError, "out of range"),
+        (lambda x, m: fastddpm.ddim_step(m, 5, x, BAD, prev_t=9), ValueError, "smaller than t"),
+        (lambda x, m: fastddpm.ddpm_step(m, 5.0, x, BAD), TypeError, "float"),
+        (lambda x, m: fastddpm.ddpm_step(m, torch.tensor([5.0, 1.0, 2.0]), x, BAD), TypeError, "integer tensor"),
+        (lambda x, m: fastddpm.ddpm_step(m, torch.tensor([5, 6]), x, BAD), ValueError, r"shape \[\] or \[3\]"),
+        (lambda x, m: fastddpm.ddpm_step(m, torch.tensor([5, 6, 7], device="meta"), x, BAD), ValueError, "same device"),
+        (lambda x, m: fastddpm.ddpm_step(m.to("meta"), 5, x, BAD), ValueError, "model_output is on meta"),
+        (lambda x, m: fastddpm.ddpm_step(m.int(), 5, x.int(), BAD), TypeError, "floating-point"),
+        (lambda x, m: fastddpm.ddpm_step(m.double(), 5, x.double(), BAD, backend="cpu"), TypeError, "float64"),
+        (lambda x, m: fastddpm.ddpm_step(m, 5, x, BAD, backend="gpu"), ValueError, "allowed: 'auto'"),
+        (lambda x, m: fastddpm.ddpm_step(m, 5, x, BAD, noise=torch.randn(3, 5)), ValueError, "noise has shape"),
+        (lambda x, m: fastddpm.ddim_step(m, 5, x, BAD, prev_t=1, eta=-1.0), ValueError, "eta"),
+        (lambda x, m: fastddpm.q_sample(x, 1000, BAD), ValueError, "out of range"),
+        (lambda x, m: fastddpm.ddpm_step(m, 999, x, Schedule(rescale_betas_zero_snr=True), backend="cpu"), ValueError,
+         "not finite"),  # fmt: skip
+    ],
+)
+def test_bad_input_gives_clear_error(call, exc, match):
+    schedule = Schedule()
+    x, m = _inputs(schedule)
+    if "backend=\"cpu\"" in match:
+        _backend("cpu")
+    with pytest.raises(exc, match=match):
+        call(x, m)
+
+
+def test_zero_snr_epsilon_last_step_is_rejected_on_fused_backends(backend):
+    schedule = Schedule(rescale_betas_zero_snr=True)
+    x, m = _inputs(schedule)
+    with pytest.raises(ValueError, match="not finite"):
+        fastddpm.ddpm_step(m, 999, x, schedule, seed=0, backend=backend)
+    fastddpm.ddpm_step(m, 998, x, schedule, seed=0, backend=backend)  # fine elsewhere
+
+
+def test_float64_goes_to_reference_under_auto():
+    schedule = Schedule()
+    x, m = _inputs(schedule)
+    out = fastddpm.ddpm_step(m.double(), 10, x.double(), schedule, seed=0)
+    assert out[0].dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- torch.library
+def test_opcheck(backend):
+    b, n = 3, 35
+    x, m, v = torch.randn(b, n), torch.randn(b, n), torch.rand(b, n)
+    coef = torch.rand(b, L.NCOEF)
+    tval = torch.tensor([3, 2, 1])
+    rows = torch.arange(b)
+    rng = torch.tensor([5, 0])
+    args = (x, m, v, None, coef, tval, rows, None, rng, L.CLIP_RANGE, 1.0, L.VAR_LEARNED, L.NOISE_PHILOX, True, False, backend)
+    torch.library.opcheck(torch.ops.fastddpm.fused_step.default, args)
+    torch.library.opcheck(
+        torch.ops.fastddpm.fused_q_sample.default,
+        (x, None, Schedule().table("q_sample", "cpu"), tval, rng, L.NOISE_PHILOX, backend),
+    )
+    torch.library.opcheck(torch.ops.fastddpm.fused_randn.default, (tval, rng, b, n, 0, torch.float32, backend))
+
+
+def test_torch_compile_fullgraph_traces_a_sampling_step():
+    backend = _backend("cpu")
+    schedule = Schedule()
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def step(x, t):
+        eps = net(x)
+        return fastddpm.ddpm_step(eps, t, x, schedule, seed=0, backend=backend)[0]
+
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([500, 500])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), step(x, t))
