@@ -5,7 +5,9 @@ Nothing is compiled at install time: the C++/CUDA sources in ``csrc/`` ship insi
 then cached. The Triton kernels in ``kernels/`` install as ``fastddpm.kernels``.
 """
 
-from setuptools import setup
+from pathlib import Path
+
+from setuptools import find_packages, setup
 
 # torch is required but never pinned: an installed torch of any recent version is kept as is.
 INSTALL_REQUIRES = ["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow", "scikit-learn", "matplotlib", "ninja"]
@@ -18,20 +20,14 @@ setup(
     name="fastddpm",
     version="0.1.0",
     description="Fused, CUDA-graph-captured, reproducible DDPM/DDIM sampling and training for PyTorch",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "fastddpm",
-        "fastddpm.backends",
-        "fastddpm.kernels",
-        "fastddpm.csrc",
-        "fastddpm.models",
-    ],
+    packages=find_packages(include=["fastddpm", "fastddpm.*"]) + ["fastddpm.kernels", "fastddpm.csrc"],
     package_dir={"fastddpm.kernels": "kernels", "fastddpm.csrc": "csrc"},
     package_data={
         "fastddpm.csrc": ["*.h", "*.cpp", "*.cu", "*.cuh"],
-        "fastddpm.models": ["*/*.json", "*/*.safetensors"],
+        "fastddpm.models": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.pt"],
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

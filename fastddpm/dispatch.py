@@ -9,6 +9,7 @@ CUDA tensors -> ``triton`` (``cuda`` if triton is missing), CPU tensors -> ``cpu
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
 
@@ -37,10 +38,8 @@ def availability(name: str, device: torch.device | str = "cpu") -> tuple[bool, s
         mod = backend_module(name)
     except ImportError as e:  # pragma: no cover - a broken install
         return False, f"cannot import fastddpm.backends.{name}: {e}"
-    try:
-        return mod.available(device)
-    except TypeError:
-        return mod.available()
+    takes_device = len(inspect.signature(mod.available).parameters) > 0
+    return mod.available(device) if takes_device else mod.available()
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:

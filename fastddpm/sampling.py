@@ -150,7 +150,7 @@ class Trajectory:
         self.first_bad = torch.full((1,), plan.num_steps, dtype=torch.int64, device=device)
         self.clip_mode = _clip_mode(schedule)
         self.learned = schedule.variance_type in LEARNED_VARIANCES and plan.sampler == "ddpm"
-        self._launch = backend_module(backend).step if backend != "reference" else None
+        self._launch = backend_module(backend).step
 
     # -- one step, device-resident state only ---------------------------------------------------
     def model_output(self) -> torch.Tensor:
@@ -187,14 +187,11 @@ class Trajectory:
         self.step.add_(1)
 
     def _run(self, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only):
-        if self._launch is not None:
-            self._launch(
-                x2, m2, v2, n2, None if x0_only else prev, x0_out, self.plan.coef, self.plan.tval, rows, thresh,
-                self.rng, clip_mode=clip_mode, clip_range=float(self.schedule.clip_sample_range),
-                var_mode=var_mode, noise_mode=noise_mode, x0_only=x0_only,
-            )  # fmt: skip
-        else:
-            _reference_update(self, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only)
+        self._launch(
+            x2, m2, v2, n2, None if x0_only else prev, x0_out, self.plan.coef, self.plan.tval, rows, thresh,
+            self.rng, clip_mode=clip_mode, clip_range=float(self.schedule.clip_sample_range),
+            var_mode=var_mode, noise_mode=noise_mode, x0_only=x0_only,
+        )  # fmt: skip
 
     def reset(self, x_init: torch.Tensor, seed: int, sample_offset: int) -> None:
         self.x.copy_(x_init)
@@ -210,39 +207,6 @@ class Trajectory:
 
     def result(self) -> torch.Tensor:
         return self.x0 if self.x0 is not None else self.x
-
-
-def _reference_update(traj, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only):
-    """The kernel contract in plain PyTorch (used when no fused backend can run, e.g. float64 or no compiler)."""
-    from .noise import philox_normal
-
-    c = traj.plan.coef.index_select(0, rows).unsqueeze(-1)
-    col = lambda k: c[:, k]
-    x0 = col(L.COEF_CX) * x2 + col(L.COEF_CM) * m2
-    if clip_mode == L.CLIP_RANGE:
-        r = traj.schedule.clip_sample_range
-        x0 = x0.clamp(-r, r)
-    elif clip_mode == L.CLIP_THRESHOLD:
-        s = thresh.reshape(-1, 1)
-        x0 = torch.clamp(x0, -s, s) / s
-    if x0_only:
-        x0_out.copy_(x0)
-        return
-    eps = col(L.COEF_EX) * x2 + col(L.COEF_EM) * m2 + col(L.COEF_E0) * x0
-    mean = col(L.COEF_P0) * x0 + col(L.COEF_PX) * x2 + col(L.COEF_PE) * eps
-    if x0_out is not None:
-        x0_out.copy_(x0)
-    if noise_mode == L.NOISE_NONE:
-        prev.copy_(mean)
-        return
-    std = torch.exp(0.5 * (col(L.COEF_LVA) * v2 + col(L.COEF_LVB))) if var_mode == L.VAR_LEARNED else col(L.COEF_STD)
-    if noise_mode == L.NOISE_TENSOR:
-        z = n2
-    else:
-        seed, offset = (int(v) for v in traj.rng.tolist())
-        g = torch.arange(offset, offset + x2.shape[0], dtype=torch.int64, device=x2.device)
-        z = philox_normal(seed, g, traj.plan.tval.index_select(0, rows), x2.shape[1], L.STREAM_STEP)
-    prev.copy_(torch.where(col(L.COEF_GATE) > 0, mean + std * z, mean))
 
 
 def _resolve_device(model: Any, device: torch.device | str | None) -> torch.device:

@@ -1,0 +1,76 @@
+"""The kernel contract of :mod:`fastddpm._layout` in plain PyTorch (any device, float32 math).
+
+The readable spec of the *diffusion math* is :mod:`fastddpm.reference`; this module is the spec of
+the *kernel interface* (coefficient rows, modes, counter noise) that the fused backends implement.
+The sampler uses it when no fused backend can run (no compiler, float64, an unusual device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _layout as L
+from ..noise import philox_normal
+
+
+def available(device=None) -> tuple[bool, str]:
+    return True, "plain PyTorch"
+
+
+def _rng_values(rng: torch.Tensor) -> tuple[int, int]:
+    seed, offset = (int(v) for v in rng.tolist())
+    return seed, offset
+
+
+def step(x, m, v, noise, prev_out, x0_out, coef, tval, rows, thresh, rng, *, clip_mode, clip_range, var_mode,
+         noise_mode, x0_only) -> None:  # fmt: skip
+    """See :mod:`fastddpm.backends`. Reads ``rng`` on the host (one sync), so it is not graph-safe."""
+    c = coef.index_select(0, rows).unsqueeze(-1)  # [B, NCOEF, 1]
+    col = lambda k: c[:, k]
+    xf, mf = x.float(), m.float()
+    x0 = col(L.COEF_CX) * xf + col(L.COEF_CM) * mf
+    if clip_mode == L.CLIP_RANGE:
+        x0 = x0.clamp(-clip_range, clip_range)
+    elif clip_mode == L.CLIP_THRESHOLD:
+        s = thresh.float().reshape(-1, 1)
+        x0 = torch.clamp(x0, -s, s) / s
+    if x0_only:
+        x0_out.copy_(x0)
+        return
+    eps = col(L.COEF_EX) * xf + col(L.COEF_EM) * mf + col(L.COEF_E0) * x0
+    mean = col(L.COEF_P0) * x0 + col(L.COEF_PX) * xf + col(L.COEF_PE) * eps
+    if x0_out is not None:
+        x0_out.copy_(x0)
+    if noise_mode == L.NOISE_NONE:
+        prev_out.copy_(mean)
+        return
+    if var_mode == L.VAR_LEARNED:
+        std = torch.exp(0.5 * (col(L.COEF_LVA) * v.float() + col(L.COEF_LVB)))
+    else:
+        std = col(L.COEF_STD)
+    if noise_mode == L.NOISE_TENSOR:
+        z = noise.float()
+    else:
+        seed, offset = _rng_values(rng)
+        g = torch.arange(offset, offset + x.shape[0], dtype=torch.int64, device=x.device)
+        z = philox_normal(seed, g, tval.index_select(0, rows), x.shape[1], L.STREAM_STEP)
+    prev_out.copy_(torch.where(col(L.COEF_GATE) > 0, mean + std * z, mean))
+
+
+def q_sample(x0, noise, out, table, t, rng, *, noise_mode) -> None:
+    """See :mod:`fastddpm.backends`."""
+    coef = table.index_select(0, t)
+    if noise_mode == L.NOISE_TENSOR:
+        z = noise.float()
+    else:
+        seed, offset = _rng_values(rng)
+        g = torch.arange(offset, offset + x0.shape[0], dtype=torch.int64, device=x0.device)
+        z = philox_normal(seed, g, t, x0.shape[1], L.STREAM_QSAMPLE)
+    out.copy_(coef[:, L.QS_A : L.QS_A + 1] * x0.float() + coef[:, L.QS_B : L.QS_B + 1] * z)
+
+
+def randn(out, t, rng, *, stream) -> None:
+    """See :mod:`fastddpm.backends`."""
+    seed, offset = _rng_values(rng)
+    g = torch.arange(offset, offset + out.shape[0], dtype=torch.int64, device=out.device)
+    out.copy_(philox_normal(seed, g, t, out.shape[1], stream))
