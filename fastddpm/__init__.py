@@ -27,6 +27,7 @@ __all__ = [
     "STREAM_QSAMPLE",
     "STREAM_STEP",
     "UNet",
+    "UNetConfig",
     "sample",
     "train",
 ]
@@ -34,10 +35,10 @@ __all__ = [
 
 def __getattr__(name: str):
     # Heavier modules load on first use so `import fastddpm` stays light and side-effect free.
-    if name == "UNet":
-        from .unet import UNet
+    if name in ("UNet", "UNetConfig"):
+        from . import unet
 
-        return UNet
+        return getattr(unet, name)
     if name == "sample":
         from .sampling import sample
 
