@@ -25,14 +25,20 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples from a model and write a .png grid or .npz",
                        description="Sample images from a DDPM model (bundled name, fastddpm checkpoint dir or "
                                    "diffusers model dir) and write them as a PNG grid or an .npz of uint8 NHWC images.")  # fmt: skip
-    p.add_argument("--model", default="digits", help="bundled model name, fastddpm checkpoint dir or diffusers dir (default: digits)")
+    p.add_argument(
+        "--model",
+        default="digits",
+        help="bundled model name, fastddpm checkpoint dir or diffusers dir (default: digits)",
+    )
     p.add_argument("--num-samples", type=_positive_int, default=64, help="number of images (default 64)")
     p.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default: all training steps)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "x0"], default="ddpm", help="sampler (default ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--spacing", default="leading", help="timestep spacing: leading, linspace, trailing or e.g. ddim50")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default: all at once, at most 256)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="images per batch (default: all at once, at most 256)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model precision (step math is always fp32)")
     p.add_argument("--out", default="samples.png", help="output .png (grid) or .npz (default samples.png)")
@@ -57,6 +63,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
         return run_sharded_sample(args, out, device)
     model, schedule, desc = load_model(args.model, device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     from .sampling import sample
 
     batch = args.batch_size or min(args.num_samples, 256)

@@ -49,7 +49,9 @@ def ddpm_coefficients(schedule: Schedule, t: torch.Tensor, prev_t: torch.Tensor,
         coef[:, L.COEF_STD] = s.posterior_variance.sqrt()
     elif vt in ("fixed_large", "fixed_large_log"):
         coef[:, L.COEF_STD] = s.beta_t.sqrt()
-    elif vt == "learned_range":  # log var = frac*log(beta) + (1-frac)*log(beta~), frac = (v+1)/2  (Nichol & Dhariwal eq. 15)
+    elif (
+        vt == "learned_range"
+    ):  # log var = frac*log(beta) + (1-frac)*log(beta~), frac = (v+1)/2  (Nichol & Dhariwal eq. 15)
         lo, hi = s.posterior_variance.log(), s.beta_t.log()
         coef[:, L.COEF_LVA], coef[:, L.COEF_LVB] = 0.5 * (hi - lo), 0.5 * (hi + lo)
     else:  # learned: the model outputs the log variance itself (improved-diffusion, original DDPM)

@@ -62,7 +62,24 @@ def _fused_step(
 
 
 @_fused_step.register_fake
-def _(x, m, v, noise, coef, tval, rows, thresh, rng, clip_mode, clip_range, var_mode, noise_mode, write_x0, x0_only, backend):
+def _(
+    x,
+    m,
+    v,
+    noise,
+    coef,
+    tval,
+    rows,
+    thresh,
+    rng,
+    clip_mode,
+    clip_range,
+    var_mode,
+    noise_mode,
+    write_x0,
+    x0_only,
+    backend,
+):
     b, n = x.shape
     prev = x.new_empty((0,)) if x0_only else x.new_empty((b, n))
     if x0_only:
@@ -119,7 +136,9 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(f"{name} must have a batch dimension and at least one more ([B, C, ...]); got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have a batch dimension and at least one more ([B, C, ...]); got shape {tuple(x.shape)}"
+        )
 
 
 def _timesteps(name: str, t: Timestep, batch: int, device: torch.device, low: int, high: int) -> torch.Tensor:

@@ -53,7 +53,9 @@ def load_model(name_or_path: str, device: Any = "cpu") -> tuple[Any, Schedule, s
         d = d / "unet"  # a diffusers pipeline directory
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{d} has no config.json; expected a fastddpm checkpoint or a diffusers model directory")
+        raise FileNotFoundError(
+            f"{d} has no config.json; expected a fastddpm checkpoint or a diffusers model directory"
+        )
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -151,11 +151,16 @@ class Trajectory:
         self.clip_mode = _clip_mode(schedule)
         self.learned = schedule.variance_type in LEARNED_VARIANCES and plan.sampler == "ddpm"
         self._launch = backend_module(backend).step
+        # Feed the model channels_last input when its weights are channels_last (cuDNN's fast layout on GPU).
+        first = next((p for p in getattr(model, "parameters", lambda: iter(()))() if p.dim() == 4), None)
+        self.channels_last = (
+            first is not None and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+        )
 
     # -- one step, device-resident state only ---------------------------------------------------
     def model_output(self) -> torch.Tensor:
         t = self.plan.tval.index_select(0, self.step).expand(self.batch)
-        x = self.x
+        x = self.x.contiguous(memory_format=torch.channels_last) if self.channels_last else self.x
         if self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 out = model_call(self.model, x, t)
@@ -296,7 +301,9 @@ def _make_runner(traj: Trajectory, use_graphs: bool, steps_per_graph: int, cuda_
         except Exception as e:  # a model that syncs or allocates on the host during capture
             if cuda_graph in (True, "on", "always"):
                 raise
-            warnings.warn(f"fastddpm: CUDA graph capture failed ({type(e).__name__}: {e}); sampling eagerly", stacklevel=3)
+            warnings.warn(
+                f"fastddpm: CUDA graph capture failed ({type(e).__name__}: {e}); sampling eagerly", stacklevel=3
+            )
     return EagerRunner(traj)
 
 
@@ -402,7 +409,7 @@ def sample(
                     )
                 plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device)
                 return _generator_mode(model, schedule, num_samples, plan, generator, device, dtype, chw, backend, bar)
-            from .distributed import rank_range, gather_samples
+            from .distributed import gather_samples, rank_range
 
             start, stop = rank_range(num_samples)
             parts = []

@@ -126,7 +126,7 @@ class Schedule:
                 raise ValueError(f"scheduler config {source!r} is not valid JSON: {e}") from None
         elif isinstance(source, Mapping):
             config = dict(source)
-        elif hasattr(source, "config") and isinstance(getattr(source, "config"), Mapping):
+        elif hasattr(source, "config") and isinstance(source.config, Mapping):
             config = dict(source.config)
         else:
             raise TypeError(
@@ -278,13 +278,17 @@ class Schedule:
         else:
             kept = sorted(space_timesteps(T, spacing), reverse=True)
             if num_inference_steps is not None and num_inference_steps != len(kept):
-                raise ValueError(f"spacing {spacing!r} gives {len(kept)} steps but num_inference_steps={num_inference_steps}")
+                raise ValueError(
+                    f"spacing {spacing!r} gives {len(kept)} steps but num_inference_steps={num_inference_steps}"
+                )
             ts = torch.tensor(kept, dtype=torch.int64)
             prev = torch.cat([ts[1:], ts.new_tensor([-1])])
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; allowed: 'ddpm', 'ddim'")
         if int(ts.max()) >= T or int(ts.min()) < 0:
-            raise ValueError(f"spacing {spacing!r} with steps_offset={self.steps_offset} gives timesteps outside [0, {T})")
+            raise ValueError(
+                f"spacing {spacing!r} with steps_offset={self.steps_offset} gives timesteps outside [0, {T})"
+            )
         return torch.stack([ts, prev.clamp(min=-1)], dim=1)
 
 

@@ -73,7 +73,9 @@ def test_ddpm_step_vs_float64_reference(backend, pred, var, clip):
         scale = 1.0 + r.abs()
         assert float(((o.double() - r).abs() / scale).max()) < 2e-5
     # in-kernel noise: same numbers as the reference generator
-    ref_s = fastddpm.ddpm_step(m.double(), t, x.double(), schedule, prev_t=prev_t, seed=7, sample_offset=5, backend="reference")
+    ref_s = fastddpm.ddpm_step(
+        m.double(), t, x.double(), schedule, prev_t=prev_t, seed=7, sample_offset=5, backend="reference"
+    )
     out_s = fastddpm.ddpm_step(m, t, x, schedule, prev_t=prev_t, seed=7, sample_offset=5, backend=backend)
     assert float(((out_s[0].double() - ref_s[0]).abs() / (1 + ref_s[0].abs())).max()) < 2e-5
 
@@ -137,7 +139,9 @@ def test_noise_identity_and_batch_independence(backend):
     full = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_STEP, backend=backend)
     ref = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_STEP, backend="reference")
     assert _err(full, ref.double()) < 1e-5
-    part = fastddpm.randn((3, 3, 5, 7), seed=123, sample_offset=2, t=t[2:5], stream=fastddpm.STREAM_STEP, backend=backend)
+    part = fastddpm.randn(
+        (3, 3, 5, 7), seed=123, sample_offset=2, t=t[2:5], stream=fastddpm.STREAM_STEP, backend=backend
+    )
     assert torch.equal(part, full[2:5])
     other_stream = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_INIT, backend=backend)
     assert not torch.allclose(other_stream, full)
@@ -194,7 +198,11 @@ BAD = Schedule()
     "call,exc,match",
     [
         (lambda x, m: fastddpm.ddpm_step(m[:, :2], 5, x, BAD), ValueError, r"expects \(3, 5, 7, 11\)"),
-        (lambda x, m: fastddpm.ddpm_step(m, 5, x, Schedule(variance_type="learned_range")), ValueError, "needs 2C = 10"),
+        (
+            lambda x, m: fastddpm.ddpm_step(m, 5, x, Schedule(variance_type="learned_range")),
+            ValueError,
+            "needs 2C = 10",
+        ),
         (lambda x, m: fastddpm.ddpm_step(m, 1000, x, BAD), ValueError, r"out of range \[0, 1000\)"),
         (lambda x, m: fastddpm.ddpm_step(m, -1, x, BAD), ValueError, "out of range"),
         (lambda x, m: fastddpm.ddpm_step(m, torch.tensor([5, 6, 1000]), x, BAD), ValueError, "out of range"),
@@ -212,14 +220,17 @@ BAD = Schedule()
         (lambda x, m: fastddpm.ddpm_step(m, 5, x, BAD, noise=torch.randn(3, 5)), ValueError, "noise has shape"),
         (lambda x, m: fastddpm.ddim_step(m, 5, x, BAD, prev_t=1, eta=-1.0), ValueError, "eta"),
         (lambda x, m: fastddpm.q_sample(x, 1000, BAD), ValueError, "out of range"),
-        (lambda x, m: fastddpm.ddpm_step(m, 999, x, Schedule(rescale_betas_zero_snr=True), backend="cpu"), ValueError,
-         "not finite"),  # fmt: skip
+        (
+            lambda x, m: fastddpm.ddpm_step(m, 999, x, Schedule(rescale_betas_zero_snr=True), backend="cpu"),
+            ValueError,
+            "not finite",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_gives_clear_error(call, exc, match):
     schedule = Schedule()
     x, m = _inputs(schedule)
-    if "backend=\"cpu\"" in match:
+    if 'backend="cpu"' in match:
         _backend("cpu")
     with pytest.raises(exc, match=match):
         call(x, m)
@@ -248,7 +259,24 @@ def test_opcheck(backend):
     tval = torch.tensor([3, 2, 1])
     rows = torch.arange(b)
     rng = torch.tensor([5, 0])
-    args = (x, m, v, None, coef, tval, rows, None, rng, L.CLIP_RANGE, 1.0, L.VAR_LEARNED, L.NOISE_PHILOX, True, False, backend)
+    args = (
+        x,
+        m,
+        v,
+        None,
+        coef,
+        tval,
+        rows,
+        None,
+        rng,
+        L.CLIP_RANGE,
+        1.0,
+        L.VAR_LEARNED,
+        L.NOISE_PHILOX,
+        True,
+        False,
+        backend,
+    )
     torch.library.opcheck(torch.ops.fastddpm.fused_step.default, args)
     torch.library.opcheck(
         torch.ops.fastddpm.fused_q_sample.default,

@@ -1,0 +1,94 @@
+"""The `fastddpm` command line, end to end on the bundled model (few steps), and its error paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastddpm import images
+from fastddpm.cli import main
+from fastddpm.registry import bundled_models
+
+
+def test_digits_model_is_bundled():
+    assert "digits" in bundled_models()
+
+
+def test_sample_png_end_to_end(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--num-samples", "4", "--steps", "3", "--out", str(out), "--quiet"]) == 0
+    msg = capsys.readouterr().out
+    assert f"wrote 4 images (1x8x8) to {out.resolve()}" in msg and " s [" in msg
+    img = np.asarray(Image.open(out))
+    assert img.dtype == np.uint8 and img.ndim == 2 and img.shape[0] > 32
+
+
+def test_sample_npz_is_uint8_nhwc_and_matches_the_api(tmp_path):
+    out = tmp_path / "deep" / "new" / "s.npz"  # folders that do not exist yet are created
+    assert main(["sample", "--num-samples", "5", "--steps", "4", "--sampler", "ddim", "--seed", "3",
+                 "--batch-size", "2", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (5, 8, 8, 1) and arr.dtype == np.uint8
+    import fastddpm
+    from fastddpm.registry import load_model
+
+    model, schedule, _ = load_model("digits")
+    x = fastddpm.sample(model, schedule, 5, num_inference_steps=4, sampler="ddim", seed=3, progress=False)
+    assert np.abs(images.to_uint8_nhwc(x).astype(int) - arr.astype(int)).max() <= 1
+
+
+def test_python_dash_m_and_console_script(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-m", "fastddpm", "info"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "backends for" in r.stdout and "bundled models: " in r.stdout and "digits" in r.stdout
+
+
+def test_unknown_model_lists_bundled(tmp_path, capsys):
+    assert main(["sample", "--model", "no-such-model", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "digits" in err
+
+
+def test_bad_out_suffix_and_corrupt_checkpoint(tmp_path, capsys):
+    assert main(["sample", "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "must end in .png" in capsys.readouterr().err
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ not json")
+    assert main(["sample", "--model", str(bad), "--out", str(tmp_path / "y.png")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["sample", "--model", str(empty), "--out", str(tmp_path / "z.png")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "y.png").exists() and not (tmp_path / "z.png").exists()
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    out = tmp_path / "s.npz"
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+
+    def boom(tmp, arr):
+        Path(tmp).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "_savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        images.save_samples(x, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_grid_layout():
+    arr = (np.random.rand(5, 8, 8, 1) * 255).astype(np.uint8)
+    grid = images.make_grid(arr, pad=1, min_cell=32)
+    # 3 columns x 2 rows of 32 px cells (8 px images upscaled 4x) with 1 px padding
+    assert grid.shape == (2 * 33 + 1, 3 * 33 + 1, 1)
+    np.testing.assert_array_equal(grid[1:33, 1:33, 0], arr[0].repeat(4, 0).repeat(4, 1)[..., 0])
