@@ -42,6 +42,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model precision (step math is always fp32)")
     p.add_argument("--out", default="samples.png", help="output .png (grid) or .npz (default samples.png)")
+    p.add_argument("--shard-size", type=_positive_int, default=None,
+                   help="write resumable shards of this many images next to --out (default under torchrun: 4 batches)")  # fmt: skip
     p.add_argument("--backend", default="auto", help="fused step backend: auto, cpu, triton, cuda, reference")
     p.add_argument("--no-cuda-graph", action="store_true", help="sample eagerly on GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -58,7 +60,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if created:
         print(f"created folder {out.parent}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") or args.shard_size:
         from .shards import run_sharded_sample
 
         return run_sharded_sample(args, out, device)

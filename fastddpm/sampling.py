@@ -411,7 +411,8 @@ def sample(
                 return _generator_mode(model, schedule, num_samples, plan, generator, device, dtype, chw, backend, bar)
             from .distributed import gather_samples, rank_range
 
-            start, stop = rank_range(num_samples)
+            align = batch_size or 1  # rank boundaries on batch boundaries: bit-identical to one process
+            start, stop = rank_range(num_samples, align=align)
             parts = []
             t0 = time.perf_counter()
             for _, images in iter_batches(
@@ -424,7 +425,7 @@ def sample(
                     bar.set_postfix(images=f"{sum(p.shape[0] for p in parts)}/{stop - start}",
                                     elapsed=f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
             local = torch.cat(parts) if parts else torch.empty((0, *chw), device=device)
-            return gather_samples(local, num_samples)
+            return gather_samples(local, num_samples, align=align)
     finally:
         if was_training:
             model.train()
