@@ -1,0 +1,370 @@
+// fastddpm_math.h -- the per-element math shared by the C++ CPU kernels and the CUDA kernels.
+//
+// Everything here mirrors fastddpm/_layout.py (the kernel contract); tests/test_cuda_compile.py
+// checks that the constants agree. No torch headers: this file is included by plain C++ (g++),
+// by nvcc, and by torch extensions alike.
+//
+// Contents
+//   * contract constants: COEF_*, QS_*, CLIP_*, VAR_*, NOISE_*, STREAM_*, PHILOX_*
+//   * Philox4x32-10 (Salmon et al., SC'11) with the counter layout of _layout.py
+//   * uint32 -> uniform and Box-Muller exactly as Triton's tl.randn4
+//   * branch-free logf / expf / sincos(2*pi*u) polynomials (Cephes, S. Moshier), so the CPU code
+//     auto-vectorises and the CPU and CUDA paths run the very same arithmetic
+//   * the fused DDPM/DDIM per-element update and q_sample
+//
+// All functions are small, branch-free (selects only) and inline; loops over fixed-size lane
+// arrays of them vectorise with gcc/clang -O3.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define FDDPM_HD __host__ __device__
+#define FDDPM_INLINE __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define FDDPM_HD
+#define FDDPM_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define FDDPM_HD
+#define FDDPM_INLINE __forceinline
+#else
+#define FDDPM_HD
+#define FDDPM_INLINE inline
+#endif
+
+namespace fastddpm {
+
+// ---- coefficient columns of the per-step table coef[R, NCOEF] (float32) ----------------------
+enum CoefColumn : int {
+  COEF_CX = 0,  // x0 = CX * x + CM * m
+  COEF_CM = 1,
+  COEF_EX = 2,  // eps = EX * x + EM * m + E0 * x0
+  COEF_EM = 3,
+  COEF_E0 = 4,
+  COEF_P0 = 5,  // mean = P0 * x0 + PX * x + PE * eps
+  COEF_PX = 6,
+  COEF_PE = 7,
+  COEF_STD = 8,  // fixed standard deviation
+  COEF_LVA = 9,  // learned: std = exp(0.5 * (LVA * v + LVB))
+  COEF_LVB = 10,
+  COEF_GATE = 11,  // 1 when noise is added at this step
+  NCOEF = 12,
+};
+
+// ---- q_sample table columns, table[T, 2] (float32) -------------------------------------------
+enum QSampleColumn : int { QS_A = 0, QS_B = 1, QS_NCOL = 2 };
+
+// ---- kernel modes ------------------------------------------------------------------------------
+enum ClipMode : int { CLIP_NONE = 0, CLIP_RANGE = 1, CLIP_THRESHOLD = 2 };
+enum VarMode : int { VAR_FIXED = 0, VAR_LEARNED = 1 };
+enum NoiseMode : int { NOISE_NONE = 0, NOISE_TENSOR = 1, NOISE_PHILOX = 2 };
+enum NoiseStream : int { STREAM_STEP = 0, STREAM_QSAMPLE = 1, STREAM_INIT = 2 };
+
+// ---- Philox4x32-10 and Box-Muller constants ----------------------------------------------------
+constexpr uint32_t PHILOX_M0 = 0xD2511F53u;
+constexpr uint32_t PHILOX_M1 = 0xCD9E8D57u;
+constexpr uint32_t PHILOX_W0 = 0x9E3779B9u;
+constexpr uint32_t PHILOX_W1 = 0xBB67AE85u;
+constexpr int PHILOX_ROUNDS = 10;
+constexpr float UNIFORM_SCALE = 4.6566127342e-10f;
+constexpr float UNIFORM_MIN = 1.0e-7f;
+constexpr double TWO_PI = 6.283185307179586;
+
+// ================================================================================================
+// Bit casts
+// ================================================================================================
+FDDPM_HD FDDPM_INLINE uint32_t float_as_uint(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+FDDPM_HD FDDPM_INLINE float uint_as_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// Round to the nearest integer (ties to even) for |x| < 2**22, without a libm call: adding and
+// subtracting 1.5 * 2**23 pushes the fraction bits out. Safe without -ffast-math (which this code
+// must never be built with: the compiler could then fold (x + C) - C into x).
+FDDPM_HD FDDPM_INLINE float round_small(float x) {
+  const float magic = 12582912.0f;  // 1.5 * 2**23
+  return (x + magic) - magic;
+}
+
+// ================================================================================================
+// Philox4x32-10
+// ================================================================================================
+FDDPM_HD FDDPM_INLINE void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  lo = static_cast<uint32_t>(p);
+  hi = static_cast<uint32_t>(p >> 32);
+#endif
+}
+
+// In-place Philox4x32 with PHILOX_ROUNDS rounds on counter (c0..c3) and key (k0, k1); the
+// round is Triton's philox_impl (and fastddpm.noise.philox4x32) verbatim.
+FDDPM_HD FDDPM_INLINE void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                                          uint32_t k1) {
+  // Fully unrolled: the CPU code vectorises a loop over many Philox calls only when the rounds
+  // form straight-line code.
+#if defined(__CUDA_ARCH__) || (defined(__clang__) && !defined(__CUDACC__))
+#pragma unroll
+#elif defined(__GNUC__) && !defined(__CUDACC__)
+#pragma GCC unroll 16
+#endif
+  for (int i = 0; i < PHILOX_ROUNDS; ++i) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(PHILOX_M0, c0, hi0, lo0);
+    mulhilo32(PHILOX_M1, c2, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += PHILOX_W0;
+    k1 += PHILOX_W1;
+  }
+}
+
+// The parts of the Philox key and counter that are fixed for one (seed, sample, t, stream); the
+// remaining word c0 is the element group e >> 2.
+struct PhiloxStream {
+  uint32_t k0, k1;  // key: low and high words of the 64-bit seed
+  uint32_t c1;      // g & 0xffffffff
+  uint32_t c2;      // t & 0xffffffff
+  uint32_t c3;      // stream | (g >> 32) << 8
+};
+
+// seed: 64-bit key (int64 bit pattern); g: global sample index (sample_offset + b); t: timestep
+// value; stream: one of STREAM_*.
+FDDPM_HD FDDPM_INLINE PhiloxStream philox_stream(int64_t seed, int64_t g, int64_t t, int stream) {
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint64_t ug = static_cast<uint64_t>(g);
+  PhiloxStream s;
+  s.k0 = static_cast<uint32_t>(useed);
+  s.k1 = static_cast<uint32_t>(useed >> 32);
+  s.c1 = static_cast<uint32_t>(ug);
+  s.c2 = static_cast<uint32_t>(static_cast<uint64_t>(t));
+  s.c3 = static_cast<uint32_t>(stream) | (static_cast<uint32_t>(ug >> 32) << 8);
+  return s;
+}
+
+// Four uint32 random words for element group `group` (elements 4*group .. 4*group+3).
+FDDPM_HD FDDPM_INLINE void philox_group(const PhiloxStream& s, uint32_t group, uint32_t& r0, uint32_t& r1,
+                                         uint32_t& r2, uint32_t& r3) {
+  r0 = group;
+  r1 = s.c1;
+  r2 = s.c2;
+  r3 = s.c3;
+  philox4x32_10(r0, r1, r2, r3, s.k0, s.k1);
+}
+
+// uint32 -> float32 in [0, 1), bit for bit as Triton's uint_to_uniform_float: bitcast to int32,
+// x < 0 ? -x - 1 : x (written as x ^ (x >> 31), which is the same in two's complement and cannot
+// overflow), then times UNIFORM_SCALE.
+FDDPM_HD FDDPM_INLINE float uint_to_uniform(uint32_t r) {
+  const int32_t s = static_cast<int32_t>(r);
+  const int32_t a = s ^ (s >> 31);
+  return static_cast<float>(a) * UNIFORM_SCALE;
+}
+
+// ================================================================================================
+// Branch-free transcendental functions (Cephes single precision: logf.c, expf.c, sinf.c)
+// ================================================================================================
+
+// Natural log for positive, finite, normal x (the only inputs Box-Muller gives it:
+// UNIFORM_MIN <= x < 1). Max error about 1 ulp.
+FDDPM_HD FDDPM_INLINE float log_positive_normal(float x) {
+  const uint32_t ix = float_as_uint(x);
+  // x = f * 2**e with f in [0.5, 1)
+  float e = static_cast<float>(static_cast<int32_t>(ix >> 23) - 126);
+  float f = uint_as_float((ix & 0x007fffffu) | 0x3f000000u);
+  // move f into [sqrt(0.5), sqrt(2)) and take f - 1
+  // (selects between values already computed, so that gcc if-converts them under -ftrapping-math)
+  const bool small = f < 0.707106781186547524f;
+  e = e - (small ? 1.0f : 0.0f);
+  f = (f + (small ? f : 0.0f)) - 1.0f;
+  // Cephes' degree-8 polynomial, evaluated in Estrin's scheme (shorter dependency chains than
+  // Horner's, so the vectorised loops keep more lanes in flight).
+  const float z = f * f;
+  const float z2 = z * z;
+  const float p01 = -2.4999993993e-1f * f + 3.3333331174e-1f;
+  const float p23 = -1.6668057665e-1f * f + 2.0000714765e-1f;
+  const float p45 = -1.2420140846e-1f * f + 1.4249322787e-1f;
+  const float p67 = -1.1514610310e-1f * f + 1.1676998740e-1f;
+  const float q0 = p23 * z + p01;
+  const float q1 = p67 * z + p45;
+  float y = (7.0376836292e-2f * z2 + q1) * z2 + q0;
+  y = y * f * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return (f + y) + 0.693359375f * e;
+}
+
+// exp(x) for any float: 0 below about -104, +inf above about 89, NaN kept. Max error about 1 ulp
+// in the normal range. The scale 2**n is applied in two factors so that no step overflows early.
+FDDPM_HD FDDPM_INLINE float exp_f32(float x) {
+  const bool nan = !(x == x);
+  float xc = nan ? 0.0f : x;
+  xc = xc < -104.0f ? -104.0f : xc;
+  xc = xc > 89.0f ? 89.0f : xc;
+  const float n = round_small(xc * 1.44269504088896341f);  // in [-150, 128]
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t n1 = ni / 2;  // both halves stay in [-75, 64]: normal floats
+  const int32_t n2 = ni - n1;
+  const float s1 = uint_as_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = uint_as_float(static_cast<uint32_t>(n2 + 127) << 23);
+  y = (y * s1) * s2;
+  return nan ? x : y;
+}
+
+// sin(2*pi*u) and cos(2*pi*u) for 0 <= u <= 1. The reduction is exact: q = round(4u),
+// r = u - q/4 in [-1/8, 1/8] (Sterbenz), a = 2*pi*r in [-pi/4, pi/4], then the Cephes minimax
+// polynomials and a quadrant swap. Max error about 1 ulp of the result plus a few 1e-8 absolute.
+FDDPM_HD FDDPM_INLINE void sincos_2pi(float u, float& s, float& c) {
+  const float q = round_small(4.0f * u);
+  const float r = u - 0.25f * q;
+  const float a = r * static_cast<float>(TWO_PI);
+  const float z = a * a;
+  float ps = -1.9515295891e-4f;
+  ps = ps * z + 8.3321608736e-3f;
+  ps = ps * z - 1.6666654611e-1f;
+  ps = (ps * z) * a + a;  // sin(a)
+  float pc = 2.443315711809948e-5f;
+  pc = pc * z - 1.388731625493765e-3f;
+  pc = pc * z + 4.166664568298827e-2f;
+  pc = (pc * z) * z - 0.5f * z + 1.0f;  // cos(a)
+  const int32_t quadrant = static_cast<int32_t>(q) & 3;
+  const bool swap = (quadrant & 1) != 0;           // quadrants 1, 3: sin <-> cos
+  const float sv = swap ? pc : ps;
+  const float cv = swap ? ps : pc;
+  s = (quadrant & 2) ? -sv : sv;                   // sin negative in quadrants 2, 3
+  c = ((quadrant + 1) & 2) ? -cv : cv;             // cos negative in quadrants 1, 2
+}
+
+FDDPM_HD FDDPM_INLINE float sqrt_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#elif defined(__GNUC__) || defined(__clang__)
+  return __builtin_sqrtf(x);  // vsqrtps when built with -fno-math-errno (x >= 0 here anyway)
+#else
+  return sqrtf(x);
+#endif
+}
+
+// ================================================================================================
+// Box-Muller, as Triton's tl.randn4 (u0, u2: radii; u1, u3: angles)
+// ================================================================================================
+FDDPM_HD FDDPM_INLINE void box_muller(float u_radius, float u_angle, float& n_cos, float& n_sin) {
+  const float u = u_radius < UNIFORM_MIN ? UNIFORM_MIN : u_radius;
+  const float rad = sqrt_f32(-2.0f * log_positive_normal(u));
+  float s, c;
+  sincos_2pi(u_angle, s, c);
+  n_cos = rad * c;
+  n_sin = rad * s;
+}
+
+// The four standard normals n[0..3] of element group `group` (elements 4*group + k).
+FDDPM_HD FDDPM_INLINE void philox_normal4(const PhiloxStream& st, uint32_t group, float& n0, float& n1, float& n2,
+                                           float& n3) {
+  uint32_t r0, r1, r2, r3;
+  philox_group(st, group, r0, r1, r2, r3);
+  box_muller(uint_to_uniform(r0), uint_to_uniform(r1), n0, n1);
+  box_muller(uint_to_uniform(r2), uint_to_uniform(r3), n2, n3);
+}
+
+// ================================================================================================
+// The fused step (see the formulas in fastddpm/_layout.py)
+// ================================================================================================
+
+// One row of the coefficient table.
+struct StepCoef {
+  float cx, cm, ex, em, e0, p0, px, pe, std, lva, lvb, gate;
+};
+
+FDDPM_HD FDDPM_INLINE StepCoef load_step_coef(const float* row) {
+  StepCoef c;
+  c.cx = row[COEF_CX];
+  c.cm = row[COEF_CM];
+  c.ex = row[COEF_EX];
+  c.em = row[COEF_EM];
+  c.e0 = row[COEF_E0];
+  c.p0 = row[COEF_P0];
+  c.px = row[COEF_PX];
+  c.pe = row[COEF_PE];
+  c.std = row[COEF_STD];
+  c.lva = row[COEF_LVA];
+  c.lvb = row[COEF_LVB];
+  c.gate = row[COEF_GATE];
+  return c;
+}
+
+// clamp that keeps NaN (as torch.clamp does), written as selects.
+FDDPM_HD FDDPM_INLINE float clamp_keep_nan(float x, float lo, float hi) {
+  x = x < lo ? lo : x;
+  return x > hi ? hi : x;
+}
+
+// x0 = CX * x + CM * m, then clipped: CLIP_RANGE -> clamp to [-clip_range, clip_range];
+// CLIP_THRESHOLD -> clamp to [-s, s] and divide by s (dynamic thresholding, Saharia et al. 2022).
+FDDPM_HD FDDPM_INLINE float predict_x0(const StepCoef& c, float x, float m, int clip_mode, float clip_range,
+                                        float s) {
+  float x0 = c.cx * x + c.cm * m;
+  if (clip_mode == CLIP_RANGE) {
+    x0 = clamp_keep_nan(x0, -clip_range, clip_range);
+  } else if (clip_mode == CLIP_THRESHOLD) {
+    x0 = clamp_keep_nan(x0, -s, s) / s;
+  }
+  return x0;
+}
+
+// Posterior mean (Ho et al. eq. 7) or DDIM mean (Song et al. eq. 12) from the clipped x0.
+FDDPM_HD FDDPM_INLINE float step_mean(const StepCoef& c, float x, float m, float x0) {
+  const float eps = c.ex * x + c.em * m + c.e0 * x0;
+  return c.p0 * x0 + c.px * x + c.pe * eps;
+}
+
+// Standard deviation of the added noise: fixed, or from the learned log-variance channel v.
+FDDPM_HD FDDPM_INLINE float step_std(const StepCoef& c, float v, int var_mode) {
+  return var_mode == VAR_LEARNED ? exp_f32(0.5f * (c.lva * v + c.lvb)) : c.std;
+}
+
+// The whole per-element update. `z` is read only when `add_noise` (GATE != 0 and a noise mode
+// other than NOISE_NONE); otherwise prev = mean exactly. Writes x0 (clipped) and returns prev.
+FDDPM_HD FDDPM_INLINE float step_update(const StepCoef& c, float x, float m, float v, float z, bool add_noise,
+                                         int clip_mode, int var_mode, float clip_range, float s, float& x0_out) {
+  const float x0 = predict_x0(c, x, m, clip_mode, clip_range, s);
+  x0_out = x0;
+  const float mean = step_mean(c, x, m, x0);
+  if (!add_noise) return mean;
+  return mean + step_std(c, v, var_mode) * z;
+}
+
+// Forward process q(x_t | x_0): x_t = QA * x0 + QB * z.
+FDDPM_HD FDDPM_INLINE float q_sample_update(float qa, float qb, float x0, float z) { return qa * x0 + qb * z; }
+
+}  // namespace fastddpm

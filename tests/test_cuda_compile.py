@@ -1,0 +1,142 @@
+"""Compile checks of the C++/CUDA sources that need no GPU.
+
+* every ``csrc/*.cu`` compiles with nvcc (``-c``, sm_90 and sm_80) when nvcc is installed;
+* ``csrc/fastddpm_math.h`` compiles as plain C++ (no torch, no CUDA), its constants equal
+  ``fastddpm/_layout.py``, and its scalar Philox / Box-Muller (the code the CUDA kernels and the
+  portable CPU path run) agree with the plain-torch spec in ``fastddpm.noise``.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fastddpm import _build
+from fastddpm import _layout as L
+from fastddpm import noise as nz
+
+CSRC = _build.csrc_dir()
+CU_FILES = sorted(CSRC.glob("*.cu"))
+
+
+def _cxx() -> str:
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    return cxx
+
+
+def _nvcc() -> str:
+    nvcc = _build._nvcc_path()
+    if nvcc is None:
+        pytest.skip("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+    return nvcc
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_there_are_cuda_sources():
+    assert [p.name for p in CU_FILES] == ["cuda_kernels.cu"]
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
+def test_cu_file_compiles_with_nvcc(source, arch, tmp_path):
+    nvcc = _nvcc()
+    obj = tmp_path / (source.stem + ".o")
+    flags = ["-std=c++17", "-O3", f"-arch={arch}", "-Xcompiler", "-Wall", f"-I{CSRC}"]
+    _run([nvcc, *flags, "-c", str(source), "-o", str(obj)])
+    assert obj.stat().st_size > 0
+
+
+def test_cuda_header_is_plain_c(tmp_path):
+    """cuda_kernels.h (the C launcher API) compiles as C99 with only the CUDA runtime headers."""
+    nvcc = _nvcc()
+    src = tmp_path / "use_header.c"
+    src.write_text('#include "cuda_kernels.h"\nint main(void) { fddpm_step_params p = {0}; return (int)p.batch; }\n')
+    flags = ["-x", "c", "-Xcompiler", "-std=c99,-Wall,-Werror", f"-I{CSRC}"]
+    _run([nvcc, *flags, "-c", str(src), "-o", str(tmp_path / "u.o")])
+
+
+# --- the shared math header as plain C++ -------------------------------------------------------------
+
+_CONSTANTS = {k: v for k, v in vars(L).items() if k.isupper() and isinstance(v, (int, float))}
+
+
+def _math_probe(tmp_path, seed: int, g: int, t: int, stream: int, groups: int) -> dict[str, list[str]]:
+    """Compile and run a program that prints the header's constants, Philox words and normals."""
+    lines = [
+        '#include "fastddpm_math.h"',
+        "#include <cinttypes>",
+        "#include <cstdio>",
+        "#include <cstdlib>",
+        "using namespace fastddpm;",
+        "int main(int argc, char** argv) {",
+        "  if (argc != 6) return 2;",
+    ]
+    for name in _CONSTANTS:
+        lines.append(f'  std::printf("const {name} %.17g\\n", static_cast<double>({name}));')
+    lines += [
+        "  const int64_t seed = std::strtoll(argv[1], nullptr, 10), g = std::strtoll(argv[2], nullptr, 10);",
+        "  const int64_t t = std::strtoll(argv[3], nullptr, 10);",
+        "  const int stream = std::atoi(argv[4]), groups = std::atoi(argv[5]);",
+        "  const PhiloxStream st = philox_stream(seed, g, t, stream);",
+        "  for (int i = 0; i < groups; ++i) {",
+        "    uint32_t r0, r1, r2, r3;",
+        "    philox_group(st, static_cast<uint32_t>(i), r0, r1, r2, r3);",
+        '    std::printf("words %u %u %u %u\\n", r0, r1, r2, r3);',
+        "    float n0, n1, n2, n3;",
+        "    philox_normal4(st, static_cast<uint32_t>(i), n0, n1, n2, n3);",
+        '    std::printf("normals %.9g %.9g %.9g %.9g\\n", n0, n1, n2, n3);',
+        "  }",
+        "  return 0;",
+        "}",
+    ]
+    src = tmp_path / "probe.cpp"
+    src.write_text("\n".join(lines) + "\n")
+    exe = tmp_path / "probe"
+    # -Wall -Wextra -Werror: the header stays warning-free for any includer
+    _run([_cxx(), "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)])
+    proc = subprocess.run([str(exe), str(seed), str(g), str(t), str(stream), str(groups)], capture_output=True,
+                          text=True, timeout=60, check=True)  # fmt: skip
+    out: dict[str, list[str]] = {"const": [], "words": [], "normals": []}
+    for line in proc.stdout.splitlines():
+        kind, rest = line.split(" ", 1)
+        out[kind].append(rest)
+    return out
+
+
+def test_math_header_constants_equal_layout(tmp_path):
+    probe = _math_probe(tmp_path, seed=1, g=0, t=0, stream=0, groups=0)
+    got = {name: float(value) for name, value in (line.split() for line in probe["const"])}
+    for name, want in _CONSTANTS.items():
+        if isinstance(want, float):
+            assert got[name] == pytest.approx(want, rel=1e-7), name  # float constants are float32 in C++
+        else:
+            assert got[name] == want, name
+    assert set(got) == set(_CONSTANTS)
+
+
+@pytest.mark.parametrize(
+    "seed, g, t, stream",
+    [(0, 0, 0, L.STREAM_STEP), (-1234567890123456789, 2**33 + 7, 999, L.STREAM_QSAMPLE), (2**62 + 3, 5, 1000, 2)],
+)
+def test_math_header_philox_is_the_spec(tmp_path, seed, g, t, stream):
+    groups = 300
+    probe = _math_probe(tmp_path, seed=seed, g=g, t=t, stream=stream, groups=groups)
+    words = torch.tensor([[int(w) for w in line.split()] for line in probe["words"]], dtype=torch.int64)
+    c0 = torch.arange(groups, dtype=torch.int64)
+    c1 = torch.full_like(c0, g & 0xFFFFFFFF)
+    c2 = torch.full_like(c0, t & 0xFFFFFFFF)
+    c3 = torch.full_like(c0, stream | ((g >> 32) << 8))
+    ref_words = torch.stack(nz.philox4x32(c0, c1, c2, c3, seed), dim=1)
+    assert torch.equal(words, ref_words)  # bit-exact uint32 words
+
+    normals = torch.tensor([[float(v) for v in line.split()] for line in probe["normals"]], dtype=torch.float64)
+    ref = nz.philox_normal(seed, torch.tensor([g]), torch.tensor([t]), 4 * groups, stream, dtype=torch.float64)
+    assert (normals.reshape(1, -1) - ref).abs().max().item() < 1e-5
