@@ -31,7 +31,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         help="bundled model name, fastddpm checkpoint dir or diffusers dir (default: digits)",
     )
     p.add_argument("--num-samples", type=_positive_int, default=64, help="number of images (default 64)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default: all training steps)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="inference steps (default: the model's sampling.json if it has one -- 250 for digits -- else all training steps)")  # fmt: skip
     p.add_argument("--sampler", choices=["ddpm", "ddim", "x0"], default="ddpm", help="sampler (default ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--spacing", default="leading", help="timestep spacing: leading, linspace, trailing or e.g. ddim50")
@@ -60,6 +61,10 @@ def run_sample(args: argparse.Namespace) -> int:
     if created:
         print(f"created folder {out.parent}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.steps is None and args.sampler != "x0":
+        from .registry import recommended_steps
+
+        args.steps = recommended_steps(args.model)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1") or args.shard_size:
         from .shards import run_sharded_sample
 

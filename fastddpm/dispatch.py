@@ -42,6 +42,9 @@ def availability(name: str, device: torch.device | str = "cpu") -> tuple[bool, s
     return mod.available(device) if takes_device else mod.available()
 
 
+# The choice depends only on its arguments and the environment, so torch.compile may evaluate it once
+# while tracing and keep the answer (no graph break on the imports and checks inside).
+@torch.compiler.assume_constant_result
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Name of the backend that will run a call on ``device``/``dtype``.
 

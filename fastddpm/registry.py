@@ -44,6 +44,22 @@ def _schedule_for(model_dir: Path) -> Schedule:
     return Schedule()
 
 
+def recommended_steps(name_or_path: str) -> int | None:
+    """The step count a model directory recommends in ``sampling.json`` (bundled models ship one), else None."""
+    try:
+        d = resolve_model_dir(name_or_path)
+    except ValueError:
+        return None
+    f = d / "sampling.json"
+    if not f.is_file():
+        return None
+    try:
+        steps = json.loads(f.read_text(encoding="utf-8")).get("num_inference_steps")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return int(steps) if isinstance(steps, int) and steps > 0 else None
+
+
 def load_model(name_or_path: str, device: Any = "cpu") -> tuple[Any, Schedule, str]:
     """Load ``(UNet, Schedule, description)`` from a bundled name, our checkpoint dir or a diffusers dir."""
     from .unet import UNet

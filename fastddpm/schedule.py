@@ -96,9 +96,10 @@ class Schedule:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
         if self.clip_sample_range <= 0 or self.sample_max_value < 1.0:
             raise ValueError("clip_sample_range must be > 0 and sample_max_value >= 1")
-        betas = self.betas
+        betas = self.betas  # computed once here (cached), so traced code never runs the computation
         if not bool(torch.isfinite(betas).all()) or bool((betas < 0).any()) or bool((betas > 1).any()):
             raise ValueError("betas must be finite and in [0, 1]")
+        _ = self.alphas_cumprod
 
     # ------------------------------------------------------------------ construction
     @classmethod
