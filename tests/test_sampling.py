@@ -192,3 +192,16 @@ def test_graph_bookkeeping_on_cpu(unet):
     assert int(traj.step) == plan.num_steps == 6
     assert int(traj.first_bad) == 6
     assert plan.coef.shape == (6, fastddpm._layout.NCOEF) and plan.tval.tolist() == [25, 20, 15, 10, 5, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("steps_per_graph", [1, 3])
+def test_cuda_graph_and_eager_give_the_same_images(steps_per_graph):
+    unet = _tiny_diffusers_unet().cuda()
+    schedule = Schedule(num_train_timesteps=100)
+    kw = dict(num_inference_steps=7, seed=1, progress=False, batch_size=4, device="cuda")
+    eager = fastddpm.sample(unet, schedule, 8, cuda_graph=False, **kw)
+    graphed = fastddpm.sample(unet, schedule, 8, cuda_graph=True, steps_per_graph=steps_per_graph, **kw)
+    assert torch.equal(eager, graphed)
+    ref = fastddpm.sample(unet.cpu(), schedule, 8, backend="reference", **{**kw, "device": "cpu"})
+    torch.testing.assert_close(graphed.cpu(), ref, atol=1e-3, rtol=0)
