@@ -27,7 +27,8 @@ setup(
     package_dir={"fastddpm.kernels": "kernels", "fastddpm.csrc": "csrc"},
     package_data={
         "fastddpm.csrc": ["*.h", "*.cpp", "*.cu", "*.cuh"],
-        "fastddpm.models": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.pt"],
+        "fastddpm.models": ["*/*.json", "*/*.safetensors", "*/*.md"],
+        "fastddpm.quality": ["*.safetensors", "*.json"],
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -35,6 +35,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="inference steps (default: the model's sampling.json if it has one -- 250 for digits -- else all training steps)")  # fmt: skip
     p.add_argument("--sampler", choices=["ddpm", "ddim", "x0"], default="ddpm", help="sampler (default ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--use-clipped-model-output", action="store_true",
+                   help="DDIM: re-derive the noise from the clipped x0 (keeps many-step DDIM consistent with clip_sample)")  # fmt: skip
     p.add_argument("--spacing", default="leading", help="timestep spacing: leading, linspace, trailing or e.g. ddim50")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(
@@ -78,6 +80,7 @@ def run_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     images = sample(
         model, schedule, args.num_samples, num_inference_steps=args.steps, sampler=args.sampler, eta=args.eta,
+        use_clipped_model_output=args.use_clipped_model_output,
         timestep_spacing=args.spacing, batch_size=batch, seed=args.seed, device=device,
         dtype=getattr(torch, DTYPES[args.dtype]), cuda_graph=not args.no_cuda_graph and "auto",
         progress=not args.quiet, backend=args.backend,

@@ -101,6 +101,7 @@ def make_plan(
     timestep_spacing: str | None,
     eta: float,
     device: torch.device,
+    use_clipped_model_output: bool = False,
 ) -> StepPlan:
     """Timesteps for ``sampler`` and their float32 coefficient rows (checked finite once, here)."""
     if sampler not in SAMPLERS:
@@ -113,7 +114,9 @@ def make_plan(
     t = pairs[:, 0].to(device)
     prev = pairs[:, 1].to(device)
     if sampler == "ddim":
-        coef = ddim_coefficients(schedule, t, prev, eta=eta, check=True)
+        coef = ddim_coefficients(
+            schedule, t, prev, eta=eta, use_clipped_model_output=use_clipped_model_output, check=True
+        )
         noise_mode = L.NOISE_PHILOX if eta > 0 else L.NOISE_NONE
     else:
         coef = ddpm_coefficients(schedule, t, prev, check=True)
@@ -245,6 +248,7 @@ def iter_batches(
     num_inference_steps: int | None = None,
     sampler: str = "ddpm",
     eta: float = 0.0,
+    use_clipped_model_output: bool = False,
     timestep_spacing: str | None = "leading",
     batch_size: int | None = None,
     seed: int = 0,
@@ -267,7 +271,7 @@ def iter_batches(
     if n <= 0:
         return
     bs = min(batch_size or n, n)
-    plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device)
+    plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output)
     name = resolve_backend(backend, device, torch.float32)
     use_graphs = _want_graphs(cuda_graph, device, None)
     runners: dict[int, Any] = {}
@@ -342,6 +346,7 @@ def sample(
     num_inference_steps: int | None = None,
     sampler: str = "ddpm",
     eta: float = 0.0,
+    use_clipped_model_output: bool = False,
     timestep_spacing: str | None = "leading",
     batch_size: int | None = None,
     seed: int = 0,
@@ -366,6 +371,8 @@ def sample(
             the schedule's own, or a respacing string such as ``"ddim50"``).
         sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``), or ``"x0"`` (one shot: x0 predicted
             from x_T, no further steps).
+        use_clipped_model_output: DDIM only: re-derive epsilon from the clipped x0 (diffusers' option of
+            the same name). With ``clip_sample`` and many DDIM steps this keeps x0 and eps consistent.
         batch_size: images per batch (default all). In seed mode the images do not depend on it.
         seed: key of the counter-based noise (seed mode).
         generator: a ``torch.Generator``: draw noise from it exactly as diffusers' ``DDPMPipeline`` does
@@ -407,7 +414,9 @@ def sample(
                         "generator mode draws noise for the whole batch at each step, as DDPMPipeline does; "
                         "use batch_size=None (or >= num_samples), or seed mode for batched sampling"
                     )
-                plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device)
+                plan = make_plan(
+                    schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output
+                )
                 return _generator_mode(model, schedule, num_samples, plan, generator, device, dtype, chw, backend, bar)
             from .distributed import gather_samples, rank_range
 
@@ -417,6 +426,7 @@ def sample(
             t0 = time.perf_counter()
             for _, images in iter_batches(
                 model, schedule, start, stop, num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
+                use_clipped_model_output=use_clipped_model_output,
                 timestep_spacing=timestep_spacing, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                 cuda_graph=cuda_graph, shape=chw, steps_per_graph=steps_per_graph, backend=backend, progress=bar,
             ):  # fmt: skip

@@ -205,3 +205,14 @@ def test_cuda_graph_and_eager_give_the_same_images(steps_per_graph):
     assert torch.equal(eager, graphed)
     ref = fastddpm.sample(unet.cpu(), schedule, 8, backend="reference", **{**kw, "device": "cpu"})
     torch.testing.assert_close(graphed.cpu(), ref, atol=1e-3, rtol=0)
+
+
+def test_ddim_use_clipped_model_output_matches_the_op_loop(unet):
+    schedule = Schedule(num_train_timesteps=100)
+    out = fastddpm.sample(unet, schedule, 2, sampler="ddim", num_inference_steps=4, seed=5, progress=False,
+                          use_clipped_model_output=True)  # fmt: skip
+    x = fastddpm.randn((2, 1, 8, 8), seed=5, t=100, stream=fastddpm.STREAM_INIT)
+    for t, prev in schedule.timesteps(4, sampler="ddim").tolist():
+        eps = unet(x, torch.full((2,), t)).sample
+        x = fastddpm.ddim_step(eps, t, x, schedule, prev_t=prev, use_clipped_model_output=True)[0]
+    torch.testing.assert_close(out, x.clamp(-1, 1), atol=1e-5, rtol=0)

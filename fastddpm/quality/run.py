@@ -97,6 +97,8 @@ class QualityConfig:
             raise ValueError("num_samples and toy_samples must be >= 2 (metrics need a covariance / a spread)")
         if not math.isfinite(self.eta) or self.eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if self.toy_train_steps < 0 or self.batch_size < 1 or self.trajectory_images < 1 or self.grid_images < 1:
+            raise ValueError("toy_train_steps must be >= 0; batch_size, trajectory_images, grid_images >= 1")
         if not (self.digits or self.toy):
             raise ValueError("nothing to do: both the digits and the toy parts are disabled")
 
@@ -312,7 +314,8 @@ def run_quality(config: QualityConfig, out_dir: str | Path) -> QualityResult:
     """Run the whole comparison and write its files under ``out_dir`` (created if missing).
 
     Returns the :class:`QualityResult` (also in ``results.json``; one row per dataset x model x sampler x
-    steps in ``results.csv``). Sampling uses ``config.device`` (default: CUDA if available).
+    steps in ``results.csv``). Sampling uses ``config.device`` (default: CUDA if available). Each setting's
+    time is the wall time of its :func:`fastddpm.sample` call (on CUDA that includes the call's graph capture).
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
