@@ -11,14 +11,9 @@ import os
 import sys
 import time
 
+from ._argtypes import positive_int
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +25,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         default="digits",
         help="bundled model name, fastddpm checkpoint dir or diffusers dir (default: digits)",
     )
-    p.add_argument("--num-samples", type=_positive_int, default=64, help="number of images (default 64)")
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="inference steps (default: the model's sampling.json if it has one -- 250 for digits -- else all training steps)")  # fmt: skip
     p.add_argument("--sampler", choices=["ddpm", "ddim", "x0"], default="ddpm", help="sampler (default ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -40,12 +35,12 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", default="leading", help="timestep spacing: leading, linspace, trailing or e.g. ddim50")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(
-        "--batch-size", type=_positive_int, default=None, help="images per batch (default: all at once, at most 256)"
+        "--batch-size", type=positive_int, default=None, help="images per batch (default: all at once, at most 256)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model precision (step math is always fp32)")
     p.add_argument("--out", default="samples.png", help="output .png (grid) or .npz (default samples.png)")
-    p.add_argument("--shard-size", type=_positive_int, default=None,
+    p.add_argument("--shard-size", type=positive_int, default=None,
                    help="write resumable shards of this many images next to --out (default under torchrun: 4 batches)")  # fmt: skip
     p.add_argument("--backend", default="auto", help="fused step backend: auto, cpu, triton, cuda, reference")
     p.add_argument("--no-cuda-graph", action="store_true", help="sample eagerly on GPU")

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from ._argtypes import positive_int
+
 HARNESS_ENV = "FASTDDPM_BENCH_HARNESS"
 _MODULE_NAME = "fastddpm_bench_harness"
 
@@ -75,7 +77,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default=None, help=f"comma list of row kinds to run (default: all of {rows})")
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="sampling steps per timed run (default 20 on GPU, 3 on CPU); 1000-step times are projected",
     )
@@ -91,8 +93,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="stop starting rows after S seconds; the rest are recorded as skipped",
     )
     p.add_argument("--target-s", type=float, default=None, help="measured seconds to aim for per row")
-    p.add_argument("--min-repeats", type=_positive_int, default=None, help="fewest timed runs per row")
-    p.add_argument("--max-repeats", type=_positive_int, default=None, help="most timed runs per row")
+    p.add_argument("--min-repeats", type=positive_int, default=None, help="fewest timed runs per row")
+    p.add_argument("--max-repeats", type=positive_int, default=None, help="most timed runs per row")
     p.add_argument(
         "--kernel-backends",
         default=None,
@@ -102,13 +104,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                                                "(default bench-results/<device>-<date>)")  # fmt: skip
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     p.add_argument("--quiet", action="store_true", help="no per-row progress lines")
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

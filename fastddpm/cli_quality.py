@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ._argtypes import positive_int
+
 
 def _int_list(s: str) -> tuple[int, ...]:
     try:
@@ -30,13 +32,6 @@ def _samplers(s: str) -> tuple[str, ...]:
     return vals
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def add_quality_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``quality`` subcommand on ``sub``."""
     p = sub.add_parser(
@@ -55,8 +50,8 @@ def add_quality_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     p.add_argument("--spacing", default=None, help="timestep spacing (default trailing: every schedule starts at T-1)")
-    p.add_argument("--num-samples", type=_positive_int, default=None, help="digits per setting (default 256)")
-    p.add_argument("--toy-samples", type=_positive_int, default=None, help="toy points per setting (default 2000)")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="digits per setting (default 256)")
+    p.add_argument("--toy-samples", type=positive_int, default=None, help="toy points per setting (default 2000)")
     p.add_argument("--toy-train-steps", type=int, default=None,
                    help="train the toy MLP here for this many steps instead of loading the shipped one")  # fmt: skip
     p.add_argument("--no-toy-exact", action="store_true", help="skip the exact-denoiser toy sweep")
@@ -64,10 +59,10 @@ def add_quality_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-toy", action="store_true", help="skip the 2-D toy part")
     p.add_argument("--no-figures", action="store_true", help="write only the CSV/JSON tables")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default 256)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--backend", default=None, help="fused step backend: auto, cpu, triton, cuda, reference")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run_quality)

@@ -12,27 +12,9 @@ import sys
 import time
 from typing import Any
 
+from ._argtypes import nonneg_int, positive_int
+
 __all__ = ["add_train_parser", "run_train"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def _float(text: str) -> float:
@@ -61,21 +43,21 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="U-Net preset (digits, ddpm-cifar10, ddpm-256) or a checkpoint directory to fine-tune; presets win "
         "over a same-named directory (write ./NAME for that)",
     )
-    p.add_argument("--steps", type=_positive_int, default=10000, help="total optimizer steps of the run")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch size (over all ranks)")
+    p.add_argument("--steps", type=positive_int, default=10000, help="total optimizer steps of the run")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (over all ranks)")
     p.add_argument("--lr", type=_float, default=2e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=_float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup", type=_nonneg_int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--warmup", type=nonneg_int, default=100, help="linear learning-rate warm-up steps")
     p.add_argument("--grad-clip", type=_float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--ema-decay", type=_float, default=0.999, help="EMA decay of the saved weights")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="resize the data (default: model size)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="resize the data (default: model size)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (never for digits)")
     p.add_argument("--out", default="fastddpm-train", help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, timesteps and noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--save-every", type=_nonneg_int, default=1000, help="checkpoint every N steps (0: end only)")
-    p.add_argument("--log-every", type=_positive_int, default=50, help="steps between loss read-backs / log lines")
+    p.add_argument("--save-every", type=nonneg_int, default=1000, help="checkpoint every N steps (0: end only)")
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps between loss read-backs / log lines")
     p.add_argument("--backend", default="auto", help="fused-op backend: auto, reference, cpu, cuda, triton")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
