@@ -6,6 +6,7 @@
   portable CPU path run) agree with the plain-torch spec in ``fastddpm.noise``.
 """
 
+import glob
 import os
 import shutil
 import subprocess
@@ -140,3 +141,48 @@ def test_math_header_philox_is_the_spec(tmp_path, seed, g, t, stream):
     normals = torch.tensor([[float(v) for v in line.split()] for line in probe["normals"]], dtype=torch.float64)
     ref = nz.philox_normal(seed, torch.tensor([g]), torch.tensor([t]), 4 * groups, stream, dtype=torch.float64)
     assert (normals.reshape(1, -1) - ref).abs().max().item() < 1e-5
+
+
+def _cuda_include() -> str:
+    from torch.utils import cpp_extension
+
+    candidates = [os.path.join(cpp_extension.CUDA_HOME, "include")] if cpp_extension.CUDA_HOME else []
+    nvcc = _build._nvcc_path()
+    if nvcc:
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
+    candidates += [os.path.join(os.environ[k], "include") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    candidates += ["/usr/local/cuda/include", *sorted(glob.glob("/usr/local/cuda-*/include"), reverse=True)]
+    for inc in candidates:
+        if os.path.isfile(os.path.join(inc, "cuda_runtime.h")):
+            return inc
+    pytest.skip("no CUDA runtime headers (cuda_runtime.h) found")
+
+
+def test_cuda_binding_compiles_against_torch_headers(tmp_path):
+    """csrc/cuda_binding.cpp (the torch side of the CUDA backend) passes the host compiler's full
+    semantic check against this torch's headers and the CUDA runtime headers.
+
+    The CPU wheel of torch ships the c10/cuda and ATen/cuda headers but not the one CMake-generated
+    ``c10/cuda/impl/cuda_cmake_macros.h``; a stand-in with the content a CUDA build generates is
+    put first on the include path. Linking needs a CUDA build of torch (done on the GPU machine).
+    """
+    from torch.utils import cpp_extension
+
+    cxx = _cxx()
+    torch_inc = cpp_extension.include_paths()
+    if not os.path.isfile(os.path.join(torch_inc[0], "c10", "cuda", "CUDAGuard.h")):
+        pytest.skip("this torch ships no c10/cuda headers")
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    import sysconfig
+
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror=return-type",
+           "-isystem", str(tmp_path / "stub"), *[a for p in torch_inc for a in ("-isystem", p)],
+           "-isystem", sysconfig.get_paths()["include"], "-isystem", _cuda_include(),
+           "-DTORCH_EXTENSION_NAME=fastddpm_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           f"-I{CSRC}", str(CSRC / "cuda_binding.cpp")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "warning" not in proc.stderr, proc.stderr[-6000:]
