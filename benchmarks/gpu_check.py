@@ -51,6 +51,7 @@ SECTIONS = ("env", "build", "pytest", "checks", "bench")
 BUDGETS = {"env": 60.0, "build": 150.0, "pytest": 100.0, "checks": 75.0, "bench": 0.0}
 BENCH_MIN_S = 120.0  # time kept for the bench while earlier sections run
 PYTEST_K = "cuda or triton or graph or opcheck"
+DEFAULT_WHEELS = str(REPO / ".whl")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -484,6 +485,7 @@ class Orchestrator:
         self.log_path = self.out / LOG_NAME
         self.log_path.write_text("", encoding="utf-8")
         self.cuda = True
+        self.extra_path: str | None = None
 
     def log(self, text: str, *, echo: bool = True) -> None:
         with open(self.log_path, "a", encoding="utf-8") as f:
@@ -496,6 +498,7 @@ class Orchestrator:
         return BENCH_MIN_S if "bench" in later else 0.0
 
     def run(self, sections: Sequence[str]) -> list[SectionResult]:
+        self.extra_path = self.install_wheels()
         for name in sections:
             now = time.perf_counter()
             budget = section_budget(BUDGETS[name], now, self.deadline, self.reserve_after(name, sections))
@@ -539,7 +542,7 @@ class Orchestrator:
                 cmd.append("--bench-quick")
             if self.args.bench_rows:
                 cmd += ["--bench-rows", self.args.bench_rows]
-        env = child_env()
+        env = self.child_environment()
         if name == "build":
             env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
             cap = (self.env_details().get("capability") or "").strip()
@@ -560,6 +563,30 @@ class Orchestrator:
             res.status, res.note = "error", f"exit status {rc}; last output: {output.strip()[-300:]}"
         return res
 
+    def install_wheels(self) -> str | None:
+        """``pip install --no-deps --target`` the wheels of ``--wheels`` (carried Python packages the
+        machine lacks, e.g. diffusers for the B0a rows) into a temporary folder that every section
+        gets on ``PYTHONPATH``. Returns that folder, or None when there is nothing to install."""
+        folder = Path(self.args.wheels) if self.args.wheels else None
+        wheels = sorted(folder.glob("*.whl")) if folder is not None and folder.is_dir() else []
+        if not wheels:
+            if self.args.wheels and self.args.wheels != DEFAULT_WHEELS:
+                self.log(f"== wheels: no *.whl in {self.args.wheels}")
+            return None
+        target = self.tmp / "site"
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--target", str(target), *map(str, wheels)]  # fmt: skip
+        status, rc, output, secs = run_process(cmd, 120.0)
+        names = ", ".join(w.name.split("-")[0] + " " + w.name.split("-")[1] for w in wheels)
+        self.log(f"== wheels: {status} in {secs:.1f} s ({names}){'' if status == 'ok' else chr(10) + output[-2000:]}")
+        return str(target) if status == "ok" else None
+
+    def child_environment(self, interpret: bool | None = False) -> dict[str, str]:
+        env = child_env(interpret=interpret)
+        if self.extra_path:
+            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], self.extra_path])  # after the repo
+        return env
+
     def env_details(self) -> dict[str, Any]:
         return next((r.details for r in self.results if r.name == "env"), {})
 
@@ -568,7 +595,7 @@ class Orchestrator:
                "-p", "gpu_check"]  # fmt: skip
         if self.args.pytest_workers > 1 and importlib.util.find_spec("xdist") is not None:
             cmd += ["-n", str(self.args.pytest_workers)]  # the interpreter-run Triton tests are CPU-bound
-        env = child_env(interpret=None)  # the tests choose TRITON_INTERPRET themselves (tests/conftest.py)
+        env = self.child_environment(interpret=None)  # the tests choose TRITON_INTERPRET (tests/conftest.py)
         env["FASTDDPM_TEST_DEVICE"] = "cuda" if self.cuda else "cpu"
         self.log(f"== pytest: {' '.join(cmd)}")
         status, rc, output, secs = run_process(cmd, budget, env)
@@ -623,6 +650,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pytest-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="pytest-xdist workers when xdist is installed (default min(8, cores))")  # fmt: skip
     p.add_argument("--allow-cpu", action="store_true", help="run the checks and the bench on CPU when there is no GPU")
+    p.add_argument("--wheels", default=DEFAULT_WHEELS,
+                   help="folder of wheels to install (--no-deps, into a temporary folder) before the sections, "
+                        "e.g. diffusers for the B0a rows (default: .whl in the repository, when present; "
+                        "benchmarks/fetch_gpu_wheels.sh fills it)")  # fmt: skip
     p.add_argument("--bench-quick", action="store_true", help="the bench's quick matrix (tiny model)")
     p.add_argument("--bench-rows", default=None, help="only these bench row kinds (comma list)")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)

@@ -280,3 +280,48 @@ def test_gpu_check_without_gpu_skips_cuda_sections(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["gpu_check.log", "summary.json"] and len(files) <= gpu_check.MAX_FILES
     assert not math.isnan(summary["elapsed_s"]) and fastddpm.__version__
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel (module ``fddpm_probe``), built by hand: no build backend needed."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "fddpm_probe.py": "VALUE = 42\n",
+        "fddpm_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: fddpm-probe\nVersion: 1.0\n",
+        "fddpm_probe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    record.append("fddpm_probe-1.0.dist-info/RECORD,,")
+    files["fddpm_probe-1.0.dist-info/RECORD"] = "\n".join(record) + "\n"
+    path = folder / "fddpm_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_gpu_check_installs_carried_wheels_for_every_section(tmp_path):
+    import subprocess
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _tiny_wheel(wheels)
+    args = gpu_check.parse_args([str(tmp_path / "out"), "--wheels", str(wheels)])
+    orch = gpu_check.Orchestrator(Path(args.out), 60.0, args)
+    orch.extra_path = orch.install_wheels()
+    assert orch.extra_path is not None and (Path(orch.extra_path) / "fddpm_probe.py").is_file()
+    env = orch.child_environment()
+    assert env["PYTHONPATH"].split(":")[0] == str(REPO)  # the checkout stays first
+    out = subprocess.run([sys.executable, "-c", "import fddpm_probe; print(fddpm_probe.VALUE)"], env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "42"
+    assert "wheels: ok" in (Path(args.out) / gpu_check.LOG_NAME).read_text()
+    # No folder (the default .whl absent on a fresh clone): nothing installed, nothing logged as an error.
+    args2 = gpu_check.parse_args([str(tmp_path / "out2"), "--wheels", str(tmp_path / "missing")])
+    assert gpu_check.Orchestrator(Path(args2.out), 60.0, args2).install_wheels() is None
