@@ -1,11 +1,15 @@
 """Every fused backend that can run here against the float64 reference, through the public ops.
 
-The triton backend runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors.
+On the CPU machine the fused backends are ``cpu`` and ``triton`` (run by the Triton interpreter:
+tests/conftest.py sets TRITON_INTERPRET=1) on CPU tensors. With ``FASTDDPM_TEST_DEVICE=cuda``
+(benchmarks/gpu_check.py sets it) they are ``cuda`` and ``triton`` compiled for the GPU, on CUDA
+tensors; the float64 reference always runs on CPU.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -15,14 +19,26 @@ from fastddpm import Schedule
 from fastddpm import _layout as L
 from fastddpm.dispatch import availability
 
-FUSED = ["cpu", "triton"]
+DEVICE = torch.device(os.environ.get("FASTDDPM_TEST_DEVICE", "cpu"))
+FUSED = ["cuda", "triton"] if DEVICE.type == "cuda" else ["cpu", "triton"]
 
 
-def _backend(name: str) -> str:
-    ok, why = availability(name, "cpu")
+def _backend(name: str, device: torch.device | str = DEVICE) -> str:
+    ok, why = availability(name, device)
     if not ok:
-        pytest.skip(f"{name} backend unavailable here: {why}")
+        pytest.skip(f"{name} backend unavailable on {device}: {why}")
     return name
+
+
+def _dev(*tensors):
+    """The tensors on the test device (the fused backends' inputs)."""
+    out = tuple(t.to(DEVICE) for t in tensors)
+    return out if len(out) > 1 else out[0]
+
+
+def _host(out):
+    """A fused op's output (tensor or tuple of tensors) back on CPU for the comparison."""
+    return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
 
 
 @pytest.fixture(params=FUSED)
@@ -67,7 +83,7 @@ def test_ddpm_step_vs_float64_reference(backend, pred, var, clip):
     t = torch.tensor([999, 400, 1])
     prev_t = torch.tensor([980, 37, 0])
     ref = fastddpm.ddpm_step(m.double(), t, x.double(), schedule, prev_t=prev_t, noise=z.double(), backend="reference")
-    out = fastddpm.ddpm_step(m, t, x, schedule, prev_t=prev_t, noise=z, backend=backend)
+    out = _host(fastddpm.ddpm_step(*_dev(m, t, x), schedule, prev_t=_dev(prev_t), noise=_dev(z), backend=backend))
     for o, r in zip(out, ref):
         assert o.dtype == torch.float32 and o.shape == r.shape
         scale = 1.0 + r.abs()
@@ -76,7 +92,8 @@ def test_ddpm_step_vs_float64_reference(backend, pred, var, clip):
     ref_s = fastddpm.ddpm_step(
         m.double(), t, x.double(), schedule, prev_t=prev_t, seed=7, sample_offset=5, backend="reference"
     )
-    out_s = fastddpm.ddpm_step(m, t, x, schedule, prev_t=prev_t, seed=7, sample_offset=5, backend=backend)
+    out_s = _host(fastddpm.ddpm_step(*_dev(m, t, x), schedule, prev_t=_dev(prev_t), seed=7, sample_offset=5,
+                                     backend=backend))  # fmt: skip
     assert float(((out_s[0].double() - ref_s[0]).abs() / (1 + ref_s[0].abs())).max()) < 2e-5
 
 
@@ -89,11 +106,12 @@ def test_ddim_step_vs_float64_reference(backend, pred, clip, eta, use_clipped):
     t, prev_t = torch.tensor([999, 500, 20]), torch.tensor([979, 480, -1])
     kw = dict(prev_t=prev_t, eta=eta, use_clipped_model_output=use_clipped)
     ref = fastddpm.ddim_step(m.double(), t, x.double(), schedule, noise=z.double(), backend="reference", **kw)
-    out = fastddpm.ddim_step(m, t, x, schedule, noise=z, backend=backend, **kw)
+    kw_dev = dict(kw, prev_t=_dev(prev_t))
+    out = _host(fastddpm.ddim_step(*_dev(m, t, x), schedule, noise=_dev(z), backend=backend, **kw_dev))
     for o, r in zip(out, ref):
         assert float(((o.double() - r).abs() / (1 + r.abs())).max()) < 2e-5
     ref_s = fastddpm.ddim_step(m.double(), t, x.double(), schedule, seed=3, backend="reference", **kw)
-    out_s = fastddpm.ddim_step(m, t, x, schedule, seed=3, backend=backend, **kw)
+    out_s = _host(fastddpm.ddim_step(*_dev(m, t, x), schedule, seed=3, backend=backend, **kw_dev))
     assert float(((out_s[0].double() - ref_s[0]).abs() / (1 + ref_s[0].abs())).max()) < 2e-5
 
 
@@ -103,10 +121,12 @@ def test_q_sample_vs_float64_reference(backend):
     z = torch.randn(x0.shape)
     t = torch.tensor([0, 311, 999])
     ref = fastddpm.q_sample(x0.double(), t, schedule, z.double(), backend="reference")
-    assert _err(fastddpm.q_sample(x0, t, schedule, z, backend=backend), ref) < 1e-5
+    assert _err(_host(fastddpm.q_sample(*_dev(x0, t), schedule, _dev(z), backend=backend)), ref) < 1e-5
     ref_s = fastddpm.q_sample(x0.double(), t, schedule, seed=11, sample_offset=2, backend="reference")
-    assert _err(fastddpm.q_sample(x0, t, schedule, seed=11, sample_offset=2, backend=backend), ref_s) < 2e-5
-    target = fastddpm.randn(x0.shape, seed=11, sample_offset=2, t=t, stream=fastddpm.STREAM_QSAMPLE, backend=backend)
+    fused_s = fastddpm.q_sample(*_dev(x0, t), schedule, seed=11, sample_offset=2, backend=backend)
+    assert _err(_host(fused_s), ref_s) < 2e-5
+    target = fastddpm.randn(x0.shape, seed=11, sample_offset=2, t=_dev(t), stream=fastddpm.STREAM_QSAMPLE,
+                            device=DEVICE, backend=backend).cpu()  # fmt: skip
     a = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     torch.testing.assert_close(ref_s, a.sqrt() * x0.double() + (1 - a).sqrt() * target.double(), atol=2e-5, rtol=1e-5)
 
@@ -120,7 +140,7 @@ def test_low_precision_error_within_2x_of_plain_torch(backend, dtype):
     t = torch.tensor([999, 600, 50, 3])
     ref, ref_x0 = fastddpm.ddpm_step(m, t, x, schedule, noise=z, backend="reference")
     xl, ml, zl = x.to(dtype), m.to(dtype), z.to(dtype)
-    out, out_x0 = fastddpm.ddpm_step(ml, t, xl, schedule, noise=zl, backend=backend)
+    out, out_x0 = _host(fastddpm.ddpm_step(*_dev(ml, t, xl), schedule, noise=_dev(zl), backend=backend))
     assert out.dtype == dtype
     # plain torch in the low dtype, diffusers style: coefficients cast to the data dtype
     s = schedule.step_terms(t, t - 1)
@@ -136,14 +156,13 @@ def test_noise_identity_and_batch_independence(backend):
     """Sample g's noise depends on (seed, g, t, e, stream) only: not on batch size, offset or backend."""
     shape = (6, 3, 5, 7)
     t = torch.tensor([5, 5, 9, 9, 100, 0])
-    full = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_STEP, backend=backend)
+    kw = dict(seed=123, stream=fastddpm.STREAM_STEP, device=DEVICE, backend=backend)
+    full = fastddpm.randn(shape, t=_dev(t), **kw).cpu()
     ref = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_STEP, backend="reference")
     assert _err(full, ref.double()) < 1e-5
-    part = fastddpm.randn(
-        (3, 3, 5, 7), seed=123, sample_offset=2, t=t[2:5], stream=fastddpm.STREAM_STEP, backend=backend
-    )
+    part = fastddpm.randn((3, 3, 5, 7), sample_offset=2, t=_dev(t[2:5]), **kw).cpu()
     assert torch.equal(part, full[2:5])
-    other_stream = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_INIT, backend=backend)
+    other_stream = fastddpm.randn(shape, t=_dev(t), **dict(kw, stream=fastddpm.STREAM_INIT)).cpu()
     assert not torch.allclose(other_stream, full)
 
 
@@ -171,8 +190,8 @@ def test_noise_statistics():
 
 def test_noise_added_only_where_t_positive(backend):
     schedule = Schedule()
-    x, m = _inputs(schedule)
-    a, _ = fastddpm.ddpm_step(m, torch.tensor([0, 0, 0]), x, schedule, prev_t=-1, seed=1, backend=backend)
+    x, m = _dev(*_inputs(schedule))
+    a, _ = fastddpm.ddpm_step(m, _dev(torch.tensor([0, 0, 0])), x, schedule, prev_t=-1, seed=1, backend=backend)
     b, _ = fastddpm.ddpm_step(m, 0, x, schedule, prev_t=-1, seed=2, backend=backend)
     assert torch.equal(a, b)
 
@@ -230,15 +249,15 @@ BAD = Schedule()
 def test_bad_input_gives_clear_error(call, exc, match):
     schedule = Schedule()
     x, m = _inputs(schedule)
-    if 'backend="cpu"' in match:
-        _backend("cpu")
+    if "float64" in match or "not finite" in match:  # the cases that name backend="cpu"
+        _backend("cpu", "cpu")
     with pytest.raises(exc, match=match):
         call(x, m)
 
 
 def test_zero_snr_epsilon_last_step_is_rejected_on_fused_backends(backend):
     schedule = Schedule(rescale_betas_zero_snr=True)
-    x, m = _inputs(schedule)
+    x, m = _dev(*_inputs(schedule))
     with pytest.raises(ValueError, match="not finite"):
         fastddpm.ddpm_step(m, 999, x, schedule, seed=0, backend=backend)
     fastddpm.ddpm_step(m, 998, x, schedule, seed=0, backend=backend)  # fine elsewhere
@@ -254,11 +273,11 @@ def test_float64_goes_to_reference_under_auto():
 # --------------------------------------------------------------------------- torch.library
 def test_opcheck(backend):
     b, n = 3, 35
-    x, m, v = torch.randn(b, n), torch.randn(b, n), torch.rand(b, n)
-    coef = torch.rand(b, L.NCOEF)
-    tval = torch.tensor([3, 2, 1])
-    rows = torch.arange(b)
-    rng = torch.tensor([5, 0])
+    x, m, v = _dev(torch.randn(b, n), torch.randn(b, n), torch.rand(b, n))
+    coef = _dev(torch.rand(b, L.NCOEF))
+    tval = _dev(torch.tensor([3, 2, 1]))
+    rows = _dev(torch.arange(b))
+    rng = _dev(torch.tensor([5, 0]))
     args = (
         x,
         m,
@@ -280,13 +299,13 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fastddpm.fused_step.default, args)
     torch.library.opcheck(
         torch.ops.fastddpm.fused_q_sample.default,
-        (x, None, Schedule().table("q_sample", "cpu"), tval, rng, L.NOISE_PHILOX, backend),
+        (x, None, Schedule().table("q_sample", DEVICE), tval, rng, L.NOISE_PHILOX, backend),
     )
     torch.library.opcheck(torch.ops.fastddpm.fused_randn.default, (tval, rng, b, n, 0, torch.float32, backend))
 
 
 def test_torch_compile_fullgraph_traces_a_sampling_step():
-    backend = _backend("cpu")
+    backend = _backend("cpu", "cpu")
     schedule = Schedule()
     net = torch.nn.Conv2d(3, 3, 3, padding=1)
 
