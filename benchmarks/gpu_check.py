@@ -441,7 +441,8 @@ def child_bench(args: argparse.Namespace) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for r in result.rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    return dict(rows=counts, total_s=result.meta.get("total_s"), device=result.meta.get("device_name"))
+    targets = [dict(target=t["target"], status=t["status"], value=t["value"]) for t in harness.evaluate_targets(result.rows)]
+    return dict(rows=counts, total_s=result.meta.get("total_s"), device=result.meta.get("device_name"), targets=targets)
 
 
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {

@@ -75,9 +75,11 @@ ROW_KINDS: dict[str, str] = {
     "K0": "step only: reference formula + torch.randn noise",
     "K1": "step only: fused kernel launcher, in-kernel Philox noise",
     "K2": "step only: public op fastddpm.ddpm_step (validation + x0 output)",
+    "KD": "step only: diffusers DDPMScheduler.step (its own torch noise)",
+    "MM": "bf16 matrix product (fp32 on CPU), square: matmul-rate yardstick",
 }
 MODEL_ROWS = ("B0a", "B0b", "B1", "B2", "F1", "F2", "F3")
-KERNEL_ROWS = ("COPY", "K0", "K1", "K2")
+KERNEL_ROWS = ("COPY", "MM", "K0", "K1", "K2", "KD")
 COMPILE_ROWS = ("B1", "B2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,6 +91,7 @@ COLUMNS = (
     "images_per_s", "proj_1000_steps_s", "proj_images_per_s_1000_steps",
     "speedup_vs_B0b", "speedup_vs_B0a",
     "gflop_per_step", "tflops", "numel", "bytes_per_call", "gbps", "frac_of_copy_bw", "speedup_vs_K0",
+    "speedup_vs_KD", "frac_of_matmul",
     "peak_mem_mb", "mem_note", "first_run_s", "compile_s", "capture_s", "output_finite", "description",
 )  # fmt: skip
 META_COLUMNS = ("device_name", "torch", "triton", "diffusers", "date")
@@ -207,6 +210,7 @@ class BenchConfig:
         warmup: untimed runs after setup (compilation and autotuning happen in the first one).
         compile_backend: ``torch.compile`` backend of B1/B2/compiled-U-Net rows (``"inductor"``).
         copy_numel: float32 elements of each tensor of the COPY row.
+        matmul_n: size of the square matrices of the MM row.
         kernel_backends: backends of the K1 rows (``None``: ``triton`` and ``cuda`` on CUDA, ``cpu``
             on CPU).
         time_budget_s: stop starting rows after this many seconds (``None``: no limit); rows not
@@ -225,6 +229,7 @@ class BenchConfig:
     warmup: int = 1
     compile_backend: str = "inductor"
     copy_numel: int = 1 << 23
+    matmul_n: int = 2048
     kernel_backends: tuple[str, ...] | None = None
     time_budget_s: float | None = None
     compile_reserve_s: float = 60.0
@@ -249,10 +254,10 @@ def default_config(device: str, *, quick: bool = False, **overrides: Any) -> Ben
     """Sensible :class:`BenchConfig` for a device (``quick``: a smoke test of every code path)."""
     cuda = torch.device(device).type == "cuda"
     if quick:
-        base = dict(steps=2, min_repeats=1, max_repeats=2, target_s=0.0, warmup=1, copy_numel=1 << 16)
+        base = dict(steps=2, min_repeats=1, max_repeats=2, target_s=0.0, warmup=1, copy_numel=1 << 16, matmul_n=64)
     elif cuda:
-        base = dict(steps=20, min_repeats=3, max_repeats=30, target_s=0.5, copy_numel=1 << 27, compile_reserve_s=60.0,
-                    max_row_s=20.0)  # fmt: skip
+        base = dict(steps=20, min_repeats=3, max_repeats=30, target_s=0.5, copy_numel=1 << 27, matmul_n=8192,
+                    compile_reserve_s=60.0, max_row_s=20.0)  # fmt: skip
     else:  # inductor compiles a U-Net for minutes on a small CPU
         base = dict(steps=3, min_repeats=3, max_repeats=10, target_s=1.0, copy_numel=1 << 23, compile_reserve_s=300.0,
                     max_row_s=90.0)  # fmt: skip
@@ -280,14 +285,14 @@ def default_tasks(device_type: str, cases: Sequence[Case] | None = None, *, quic
     k = 10 if cuda else 2
     for c in cases:
         if c.model == "step-only":
-            tasks += [Task(c, Row("K0")), Task(c, Row("K1")), Task(c, Row("K2"))]
+            tasks += [Task(c, Row("K0")), Task(c, Row("KD")), Task(c, Row("K1")), Task(c, Row("K2"))]
             continue
         rows = [Row("B0b"), Row("B0a"), Row("F1"), Row("F2"), Row("F3", steps_per_graph=k)]
         if cuda:
             rows += [Row("F2", Variant(dtype="bf16")), Row("F2", bf16cl), Row("F3", bf16cl, steps_per_graph=k)]
         elif c == next(x for x in cases if x.model == c.model):  # CPU: option rows at one batch per model
             rows += [Row("F1", Variant(dtype="bf16")), Row("F1", Variant(channels_last=True))]
-        rows += [Row("K0"), Row("K1"), Row("K2")]
+        rows += [Row("K0"), Row("KD"), Row("K1"), Row("K2")]
         tasks += [Task(c, r, 0) for r in rows]
     compiled = [Row("B1"), Row("B2")]
     if cuda:
@@ -313,9 +318,10 @@ def default_tasks(device_type: str, cases: Sequence[Case] | None = None, *, quic
         tasks += [Task(c, r, 1) for c in model_cases if c.model == last.model for r in compiled]
         tasks += [Task(c, r, 3) for c in model_cases if c.model != last.model for r in compiled]
     tasks.append(Task(Case("step-only", 8192 if cuda else (4 if quick else 512)), Row("COPY"), -1))
+    tasks.append(Task(Case("step-only", 1), Row("MM"), -1))
     if not quick:
-        big = Case("step-only", 8192 if cuda else 512)
-        tasks += [Task(big, Row("K0")), Task(big, Row("K1")), Task(big, Row("K2"))]
+        big = Case("step-only", 8192 if cuda else 512)  # 8192 x 3 x 32 x 32 fp32 = 100 MB per tensor on GPU
+        tasks += [Task(big, Row("K0")), Task(big, Row("KD")), Task(big, Row("K1")), Task(big, Row("K2"))]
     return sorted(tasks, key=lambda t: t.priority)
 
 
@@ -549,6 +555,7 @@ class Prepared:
     inner: int = 1
     numel: int | None = None
     bytes_per_call: int | None = None
+    flops_per_call: int | None = None
     compiled: bool = False
     keep: list[Any] = field(default_factory=list)  # objects to free after the row
 
@@ -772,19 +779,40 @@ def _inner_calls(clock: Clock, fn: Callable[[], Any]) -> int:
     return int(min(1000, max(1, math.ceil(1e-3 / max(one, 1e-7)))))
 
 
+def _diffusers_step_fn(ctx: CaseContext, x: torch.Tensor, m: torch.Tensor, t: int) -> Callable[[], Any]:
+    """KD: ``DDPMScheduler.step`` as a diffusers user calls it (its own noise, x0 computed inside)."""
+    try:
+        from diffusers import DDPMScheduler
+    except ImportError as e:
+        raise Skip(f"diffusers is not installed ({e})") from None
+    scheduler = DDPMScheduler.from_config(ctx.schedule.to_dict())
+    scheduler.set_timesteps(ctx.steps)
+    step_t = int(scheduler.timesteps[0]) if t not in [int(v) for v in scheduler.timesteps] else t
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    return lambda: scheduler.step(m, step_t, x, generator=gen, return_dict=False)
+
+
 def _prep_kernel(ctx: CaseContext, row: Row) -> Prepared:
-    """COPY, K0, K1, K2 on ``[batch, C, H, W]`` float32 tensors."""
+    """COPY, MM, K0, K1, K2, KD on ``[batch, C, H, W]`` float32 tensors."""
     import fastddpm
     from fastddpm import _layout as L
     from fastddpm.dispatch import availability, backend_module
 
     device, clock = ctx.device, Clock(ctx.device)
+    flops = None
     if row.kind == "COPY":
         n = ctx.cfg.copy_numel
         src = torch.randn(n, device=device)
         dst = torch.empty_like(src)
         fn, backend, nbytes = (lambda: dst.copy_(src)), "torch", 2 * 4 * n
         keep = [src, dst]
+    elif row.kind == "MM":  # random data, never zeros (zeros run faster than real data)
+        n = ctx.cfg.matmul_n
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        a, b_ = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        fn, backend, nbytes, flops = (lambda: torch.mm(a, b_, out=c)), f"torch.mm {str(dtype)[6:]}", None, 2 * n**3
+        keep = [a, b_, c]
     else:
         x, m, t, prev = _step_inputs(ctx)
         n = x.numel()
@@ -794,6 +822,10 @@ def _prep_kernel(ctx: CaseContext, row: Row) -> Prepared:
 
             def fn() -> None:
                 fastddpm.ddpm_step(m, t, x, schedule, prev_t=prev, noise=torch.randn_like(x), backend="reference")
+
+        elif row.kind == "KD":
+            backend, nbytes = "diffusers DDPMScheduler", 16 * n  # reads x, m; returns x_prev and x0
+            fn = _diffusers_step_fn(ctx, x, m, t)
 
         elif row.kind == "K2":
             backend = _backend_or_skip(row.variant.backend, device)
@@ -832,7 +864,8 @@ def _prep_kernel(ctx: CaseContext, row: Row) -> Prepared:
         for _ in range(inner):
             fn()
 
-    return Prepared(run, backend=backend, inner=inner, numel=n, bytes_per_call=nbytes, keep=keep)
+    return Prepared(run, backend=backend, inner=inner, numel=n, bytes_per_call=nbytes, flops_per_call=flops,
+                    keep=keep)  # fmt: skip
 
 
 PREPARERS: dict[str, Callable[[CaseContext, Row], Prepared]] = {
@@ -847,6 +880,8 @@ PREPARERS: dict[str, Callable[[CaseContext, Row], Prepared]] = {
     "K0": _prep_kernel,
     "K1": _prep_kernel,
     "K2": _prep_kernel,
+    "KD": _prep_kernel,
+    "MM": _prep_kernel,
 }
 
 
@@ -908,8 +943,11 @@ def measure_task(task: Task, ctx: CaseContext, cfg: BenchConfig, left_s: float |
         if prepared.compiled:
             out["compile_s"] = max(0.0, first - run_s)
         if kernel:
-            out.update(numel=prepared.numel, bytes_per_call=prepared.bytes_per_call,
-                       gbps=prepared.bytes_per_call / (med / 1e3) / 1e9)  # fmt: skip
+            out.update(numel=prepared.numel, bytes_per_call=prepared.bytes_per_call)
+            if prepared.bytes_per_call:
+                out["gbps"] = prepared.bytes_per_call / (med / 1e3) / 1e9
+            if prepared.flops_per_call:
+                out["tflops"] = prepared.flops_per_call / (med / 1e3) / 1e12
         else:
             sec_step = med / 1e3
             gflop = ctx.flops_per_image * ctx.batch / 1e9
@@ -949,7 +987,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
     ``speedup_vs_B0b`` / ``speedup_vs_B0a``: baseline ms/step divided by the row's (same model,
     batch, steps; default-variant baseline). ``frac_of_copy_bw``: the row's GB/s over the COPY row's.
-    ``speedup_vs_K0``: the K0 row's ms per call over the row's (same case).
+    ``speedup_vs_K0`` / ``speedup_vs_KD``: the K0 / KD (diffusers) row's ms per call over the row's
+    (same case). ``frac_of_matmul``: a model row's U-Net TFLOP/s over the MM row's.
     """
 
     def ok(r: dict[str, Any]) -> bool:
@@ -968,6 +1007,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
     copy_rows = [r for r in rows if r["row"] == "COPY" and ok(r)]
     copy_gbps = copy_rows[0]["gbps"] if copy_rows else None
+    mm_rows = [r for r in rows if r["row"] == "MM" and ok(r)]
+    mm_tflops = mm_rows[0]["tflops"] if mm_rows else None
     for r in rows:
         if not ok(r):
             continue
@@ -976,12 +1017,17 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 b = base(kind, r)
                 if b is not None and b["steps"] == r["steps"]:
                     r[f"speedup_vs_{kind}"] = b["ms_per_step_median"] / r["ms_per_step_median"]
+            if mm_tflops and r.get("tflops"):
+                r["frac_of_matmul"] = r["tflops"] / mm_tflops
         else:
-            if copy_gbps and r["gbps"]:
+            if copy_gbps and r.get("gbps"):
                 r["frac_of_copy_bw"] = r["gbps"] / copy_gbps
-            b = base("K0", r)
-            if b is not None and r["row"] != "COPY":
-                r["speedup_vs_K0"] = b["ms_per_step_median"] / r["ms_per_step_median"]
+            if r["row"] in ("COPY", "MM"):
+                continue
+            for kind in ("K0", "KD"):
+                b = base(kind, r)
+                if b is not None:
+                    r[f"speedup_vs_{kind}"] = b["ms_per_step_median"] / r["ms_per_step_median"]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -1028,7 +1074,7 @@ class BenchResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(schema=SCHEMA, meta=self.meta, config=self.config, notes=self.notes, columns=list(COLUMNS),
-                    row_kinds=ROW_KINDS, rows=self.rows)  # fmt: skip
+                    row_kinds=ROW_KINDS, rows=self.rows, targets=evaluate_targets(self.rows))  # fmt: skip
 
     def write(self, out_dir: str | os.PathLike, *, plot: bool = True) -> list[Path]:
         """Write ``bench.json``, ``bench.csv`` and (when matplotlib is present) ``bench.png``."""
@@ -1188,6 +1234,85 @@ def _log_line(r: dict[str, Any], elapsed: float) -> str:
     )
 
 
+#: The speed targets of the benchmark issue (set for an H200, the ``ddpm-cifar10`` U-Net, 1000 steps).
+TARGET_MODEL = "ddpm-cifar10"
+TARGET_SAMPLES, TARGET_MINUTES = 50_000, 35.0
+
+
+def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check the issue's targets against the rows of one run.
+
+    Each entry: ``target`` (text), ``value``, ``threshold``, ``status`` (``met``, ``missed``, or
+    ``unmeasured`` when a row it needs did not run) and ``evidence`` (the rows used). "Best F" is the
+    fastest ok F1/F2/F3 row of the case. The 50k-sample time is a projection from the measured
+    per-step time of that row (``50000 / batch`` batches of 1000 steps), not a timed 50k run.
+    """
+
+    def ok(r: dict[str, Any]) -> bool:
+        return r["status"] == "ok" and bool(r.get("ms_per_step_median"))
+
+    def pick(kind: str, model: str, batch: int | None = None, *, default_only: bool = True) -> dict | None:
+        cand = [r for r in rows if ok(r) and r["row"] == kind and r["model"] == model
+                and (batch is None or r["batch"] == batch) and (not default_only or r["name"] == kind)]  # fmt: skip
+        return min(cand, key=lambda r: r["ms_per_step_median"]) if cand else None
+
+    def best_f(batch: int) -> dict | None:
+        cand = [r for r in rows if ok(r) and r["row"] in ("F1", "F2", "F3") and r["model"] == TARGET_MODEL
+                and r["batch"] == batch]  # fmt: skip
+        return min(cand, key=lambda r: r["ms_per_step_median"]) if cand else None
+
+    def entry(target: str, value: float | None, threshold: float, evidence: list, higher: bool = True) -> dict:
+        if value is None:
+            status = "unmeasured"
+        else:
+            status = "met" if (value >= threshold if higher else value <= threshold) else "missed"
+        return dict(target=target, value=value, threshold=threshold, status=status,
+                    evidence=[f"{r['row']} '{r['name']}' {r['model']} b={r['batch']}: {r['ms_per_step_median']:.4g} ms"
+                              for r in evidence if r is not None])  # fmt: skip
+
+    out = []
+    big = [r for r in rows if ok(r) and r["row"] == "K1" and r["model"] == "step-only" and r.get("numel")
+           and r["numel"] * 4 >= 64 * 2**20]  # fmt: skip
+    k1 = max(big, key=lambda r: r.get("frac_of_copy_bw") or 0.0) if big else None
+    out.append(entry("step kernel >= 80% of the copy bandwidth at >= 64 MB tensors",
+                     None if k1 is None else k1.get("frac_of_copy_bw"), 0.8, [k1]))  # fmt: skip
+    kd = None if k1 is None else pick("KD", "step-only", k1["batch"])
+    k1_fast = None if k1 is None else min((r for r in big if r["batch"] == k1["batch"]),
+                                          key=lambda r: r["ms_per_step_median"])  # fmt: skip
+    out.append(entry("step kernel >= 5x less GPU time than diffusers' DDPMScheduler.step (same tensors)",
+                     None if kd is None or k1_fast is None else kd["ms_per_step_median"] / k1_fast["ms_per_step_median"],
+                     5.0, [k1_fast, kd]))  # fmt: skip
+    f1, a1, b1 = best_f(1), pick("B0a", TARGET_MODEL, 1), pick("B2", TARGET_MODEL, 1)
+    ratio = lambda base, f: None if base is None or f is None else base["ms_per_step_median"] / f["ms_per_step_median"]  # noqa: E731
+    out.append(entry("batch 1: >= 10x diffusers DDPMPipeline (B0a)", ratio(a1, f1), 10.0, [f1, a1]))
+    out.append(entry("batch 1: >= 1.2x torch.compile whole step with CUDA graphs (B2)", ratio(b1, f1), 1.2, [f1, b1]))
+    f256, b256 = best_f(256), pick("B2", TARGET_MODEL, 256)
+    out.append(entry("batch 256: >= 1.0x B2", ratio(b256, f256), 1.0, [f256, b256]))
+    mm = next((r for r in rows if ok(r) and r["row"] == "MM"), None)
+    out.append(entry("batch 256: U-Net >= 40% of the measured bf16 matmul rate",
+                     None if f256 is None else f256.get("frac_of_matmul"), 0.4, [f256, mm]))  # fmt: skip
+    fb = [r for r in rows if ok(r) and r["row"] in ("F1", "F2", "F3") and r["model"] == TARGET_MODEL]
+    fmax = None
+    if fb:
+        top = max(r["batch"] for r in fb)
+        fmax = best_f(top)
+    minutes = None if fmax is None else math.ceil(TARGET_SAMPLES / fmax["batch"]) * 1000 * fmax["ms_per_step_median"] / 6e4
+    out.append(entry(f"{TARGET_SAMPLES:,} CIFAR-10-sized samples (1000 steps) in under {TARGET_MINUTES:.0f} minutes "
+                     "(projected from the measured ms/step)", minutes, TARGET_MINUTES, [fmax], higher=False))  # fmt: skip
+    return out
+
+
+def format_targets(targets: Sequence[dict[str, Any]], device_name: str | None = None) -> str:
+    """The targets as text lines (value, threshold, status, evidence)."""
+    head = "targets (set for an H200" + (f"; measured on {device_name})" if device_name else ")")
+    lines = [head]
+    for t in targets:
+        v = "-" if t["value"] is None else f"{t['value']:.3g}"
+        lines.append(f"  [{t['status']:>10s}] {t['target']}: {v} (threshold {t['threshold']:g})")
+        lines += [f"                 {e}" for e in t["evidence"]]
+    return "\n".join(lines)
+
+
 def format_table(result: BenchResult | dict[str, Any]) -> str:
     """A plain-text table of the rows with their ratios."""
     rows = result.rows if isinstance(result, BenchResult) else result["rows"]
@@ -1208,7 +1333,8 @@ def format_table(result: BenchResult | dict[str, Any]) -> str:
             f"{_fmt(r.get('tflops'), '7.3g')} {_fmt(r.get('gbps'), '7.4g')} {_fmt(pct, '6.1f')} "
             f"{_fmt(r.get('peak_mem_mb'), '8.0f')}"
         )
-    return "\n".join(lines)
+    meta = result.meta if isinstance(result, BenchResult) else result.get("meta", {})
+    return "\n".join(lines) + "\n\n" + format_targets(evaluate_targets(rows), meta.get("device_name"))
 
 
 # ----------------------------------------------------------------------------------------------------

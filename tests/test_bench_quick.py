@@ -68,20 +68,22 @@ def test_quick_matrix_writes_consistent_outputs(tmp_path):
     rows = [
         H.Row("B0a"), H.Row("B0b"), H.Row("F1", REF), H.Row("F1", H.Variant(dtype="bf16", channels_last=True,
         backend="reference")), H.Row("F2", REF), H.Row("F3", REF, steps_per_graph=2), H.Row("K0"), H.Row("K1"),
-        H.Row("K2", REF),
+        H.Row("K2", REF), H.Row("KD"),
     ]  # fmt: skip
-    tasks = [H.Task(H.Case("step-only", 2), H.Row("COPY"), -1)] + [H.Task(TINY, r) for r in rows]
+    tasks = [H.Task(H.Case("step-only", 2), H.Row("COPY"), -1), H.Task(H.Case("step-only", 1), H.Row("MM"), -1)]
+    tasks += [H.Task(TINY, r) for r in rows]
     result = H.run_benchmark(_quick_cfg(), tasks, tmp_path, log=None)
 
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["schema"] == H.SCHEMA and data["columns"] == list(H.COLUMNS)
     assert data["meta"]["device"] == "cpu" and data["meta"]["torch"] == torch.__version__
     got = _by_name(data["rows"])
-    expected_ok = {"B0b", "F1 reference", "F1 bf16 cl reference", "K0", "K1 reference", "K2 reference", "COPY"}
+    expected_ok = {"B0b", "F1 reference", "F1 bf16 cl reference", "K0", "K1 reference", "K2 reference", "COPY", "MM"}
     if _has_diffusers():
-        expected_ok.add("B0a")
+        expected_ok |= {"B0a", "KD"}
     else:
-        assert got["B0a"]["status"] == "skipped" and "diffusers" in got["B0a"]["reason"]
+        for name in ("B0a", "KD"):
+            assert got[name]["status"] == "skipped" and "diffusers" in got[name]["reason"]
     assert {n for n, r in got.items() if r["status"] == "ok"} == expected_ok, {n: r["reason"] for n, r in got.items()}
     for name in ("F2 reference", "F3 k=2 reference"):
         assert got[name]["status"] == "skipped" and "CUDA" in got[name]["reason"]
@@ -103,9 +105,14 @@ def test_quick_matrix_writes_consistent_outputs(tmp_path):
             assert r["proj_images_per_s_1000_steps"] == pytest.approx(TINY.batch / ms)
             assert r["gflop_per_step"] == pytest.approx(gflop, rel=1e-9)
             assert r["tflops"] == pytest.approx(gflop / ms)
+        elif r["row"] == "MM":
+            n_mm = _quick_cfg().matmul_n
+            assert r["gbps"] is None and r["tflops"] == pytest.approx(2 * n_mm**3 / (ms / 1e3) / 1e12)
         else:
             assert r["gbps"] == pytest.approx(r["bytes_per_call"] / (ms / 1e3) / 1e9)
             assert r["frac_of_copy_bw"] == pytest.approx(r["gbps"] / copy_row["gbps"])
+    for name in ("B0b", "F1 reference"):
+        assert got[name]["frac_of_matmul"] == pytest.approx(got[name]["tflops"] / got["MM"]["tflops"])
     assert base["speedup_vs_B0b"] == 1.0
     if _has_diffusers():
         assert got["F1 reference"]["speedup_vs_B0a"] == pytest.approx(
@@ -117,6 +124,13 @@ def test_quick_matrix_writes_consistent_outputs(tmp_path):
     assert got["K2 reference"]["speedup_vs_K0"] == pytest.approx(
         got["K0"]["ms_per_step_median"] / got["K2 reference"]["ms_per_step_median"]
     )
+    if _has_diffusers():
+        assert got["KD"]["bytes_per_call"] == 16 * n and got["KD"]["backend"] == "diffusers DDPMScheduler"
+        assert got["K2 reference"]["speedup_vs_KD"] == pytest.approx(
+            got["KD"]["ms_per_step_median"] / got["K2 reference"]["ms_per_step_median"]
+        )
+    # The tiny model is not the target model: every target is reported, none is claimed.
+    assert [t["status"] for t in data["targets"]] == ["unmeasured"] * 7
 
     with open(tmp_path / "bench.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -325,3 +339,38 @@ def test_gpu_check_installs_carried_wheels_for_every_section(tmp_path):
     # No folder (the default .whl absent on a fresh clone): nothing installed, nothing logged as an error.
     args2 = gpu_check.parse_args([str(tmp_path / "out2"), "--wheels", str(tmp_path / "missing")])
     assert gpu_check.Orchestrator(Path(args2.out), 60.0, args2).install_wheels() is None
+
+
+def test_targets_are_computed_from_the_rows_of_one_run():
+    def row(kind, model, batch, ms, name=None, **kw):
+        r = dict.fromkeys(H.COLUMNS)
+        r.update(row=kind, name=name or kind, model=model, batch=batch, status="ok", ms_per_step_median=ms, **kw)
+        return r
+
+    big = 8192 * 3 * 32 * 32  # 96 MiB of fp32 per tensor
+    rows = [
+        row("COPY", "step-only", 8192, 1.0, gbps=4000.0),
+        row("MM", "step-only", 1, 1.0, tflops=700.0),
+        row("K1", "step-only", 8192, 0.30, name="K1 triton", numel=big, frac_of_copy_bw=0.85),
+        row("K1", "step-only", 8192, 0.32, name="K1 cuda", numel=big, frac_of_copy_bw=0.80),
+        row("KD", "step-only", 8192, 3.0),
+        row("B0a", "ddpm-cifar10", 1, 5.0),
+        row("B2", "ddpm-cifar10", 1, 0.9),
+        row("F2", "ddpm-cifar10", 1, 0.5),
+        row("F3", "ddpm-cifar10", 1, 0.4, name="F3 k=10"),
+        row("B2", "ddpm-cifar10", 256, 30.0),
+        row("F2", "ddpm-cifar10", 256, 33.0, frac_of_matmul=0.3),
+        row("F2", "ddpm-cifar10", 256, 45.0, name="F2 bf16", frac_of_matmul=0.25),
+    ]
+    t = H.evaluate_targets(rows)
+    assert [x["status"] for x in t] == ["met", "met", "met", "met", "missed", "missed", "missed"]
+    assert t[0]["value"] == 0.85  # the best K1 row at >= 64 MB
+    assert t[1]["value"] == pytest.approx(3.0 / 0.30)  # KD over the fastest K1
+    assert t[2]["value"] == pytest.approx(5.0 / 0.4) and t[3]["value"] == pytest.approx(0.9 / 0.4)
+    assert t[4]["value"] == pytest.approx(30.0 / 33.0) and t[5]["value"] == 0.3  # the fastest F row's fraction
+    assert t[6]["value"] == pytest.approx(196 * 1000 * 33.0 / 6e4)  # ceil(50000 / 256) batches of 1000 steps
+    assert "F3 k=10" in " ".join(t[2]["evidence"]) and "B0a" in " ".join(t[2]["evidence"])
+    # A row that did not run leaves its target unmeasured, never met.
+    rows[4]["status"] = "skipped"
+    assert H.evaluate_targets(rows)[1]["status"] == "unmeasured"
+    assert "[unmeasured]" in H.format_targets(H.evaluate_targets(rows), "NVIDIA H200")
