@@ -58,7 +58,7 @@ def load_harness() -> ModuleType:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``fastddpm bench`` (also used by ``python benchmarks/harness.py``)."""
-    rows = "B0a,B0b,B1,B2,F1,F2,F3,COPY,K0,K1,K2"
+    rows = "B0a,B0b,B1,B2,F1,F2,F3,COPY,MM,K0,K1,K2,KD"
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument(
         "--quick",

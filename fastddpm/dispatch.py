@@ -8,6 +8,7 @@ CUDA tensors -> ``triton`` (``cuda`` if triton is missing), CPU tensors -> ``cpu
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -38,8 +39,13 @@ def availability(name: str, device: torch.device | str = "cpu") -> tuple[bool, s
         mod = backend_module(name)
     except ImportError as e:  # pragma: no cover - a broken install
         return False, f"cannot import fastddpm.backends.{name}: {e}"
-    takes_device = len(inspect.signature(mod.available).parameters) > 0
-    return mod.available(device) if takes_device else mod.available()
+    return mod.available(device) if _takes_device(name) else mod.available()
+
+
+@functools.cache
+def _takes_device(name: str) -> bool:
+    """Whether ``fastddpm.backends.<name>.available`` takes the device (asked once: inspect is slow)."""
+    return len(inspect.signature(backend_module(name).available).parameters) > 0
 
 
 # The choice depends only on its arguments and the environment, so torch.compile may evaluate it once

@@ -9,6 +9,7 @@ the fused pass.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -170,6 +171,40 @@ def _prev_after(t: torch.Tensor, prev_t: torch.Tensor) -> None:
         raise ValueError("prev_t must be smaller than t (use prev_t=-1 for the final step)")
 
 
+def _int_pair(name_prev: str, t: Timestep, prev_t: Timestep | None, T: int) -> tuple[int, int] | None:
+    """``(t, prev_t)`` validated as Python ints when both came as ints (the diffusers-style call
+    ``step(eps, 500, x)``), else None. Same errors as the tensor path."""
+    if type(t) is not int or not (prev_t is None or type(prev_t) is int) or not _validating():
+        return None
+    if not 0 <= t < T:
+        raise ValueError(f"t={t} is out of range [0, {T})")
+    p = t - 1 if prev_t is None else prev_t
+    if not -1 <= p < T:
+        raise ValueError(f"{name_prev}={p} is out of range [-1, {T})")
+    if p >= t and p >= 0:
+        raise ValueError("prev_t must be smaller than t (use prev_t=-1 for the final step)")
+    return t, p
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_step_row(
+    sampler: str, schedule: Schedule, t: int, prev_t: int, eta: float, clipped: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One coefficient row for an int step ``t -> prev_t``: ``(coef [1, NCOEF] float32, tval [1] int64,
+    rows [B]-expandable zeros [1])`` on ``device``, computed once in float64 on the CPU and kept.
+
+    This is what makes a call with int timesteps cheap: the float64 step terms, the packing and the
+    finiteness check run once per (schedule, t, prev_t), not once per call. A non-finite row raises
+    (and is not cached)."""
+    tt, pt = torch.tensor([t]), torch.tensor([prev_t])
+    if sampler == "ddpm":
+        coef = ddpm_coefficients(schedule, tt, pt, check=True)
+    else:
+        coef = ddim_coefficients(schedule, tt, pt, eta=eta, use_clipped_model_output=clipped, check=True)
+    rows = torch.zeros(1, dtype=torch.int64)
+    return coef.to(device), tt.to(device), rows.to(device)
+
+
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     """``[B, ...]`` -> ``[B, N]`` with unit inner stride (a view when possible, else a copy)."""
     x2 = x.reshape(x.shape[0], -1)
@@ -244,12 +279,18 @@ def _fused_update(
     backend: str,
     *,
     noise_mode: int,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused step on ``[B, N]`` views; sample ``b`` uses coefficient row ``rows[b]`` (default ``b``)
+    and timestep value ``t[rows[b]]``."""
     b = sample.shape[0]
     x2, m2 = _as_rows(sample), _as_rows(m)
     v2 = _as_rows(v) if v is not None else None
     n2 = _as_rows(noise.to(sample.dtype)) if noise is not None else None
-    rows = torch.arange(b, dtype=torch.int64, device=sample.device)
+    if rows is None:
+        rows = torch.arange(b, dtype=torch.int64, device=sample.device)
+    else:
+        rows = rows.expand(b)
     clip_mode = _clip_mode(schedule)
     var_mode = L.VAR_LEARNED if v is not None else L.VAR_FIXED
     thresh = None
@@ -296,6 +337,15 @@ def ddpm_step(
     _check_tensor("sample", sample)
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
+    pair = _int_pair("prev_t", t, prev_t, T)
+    name = resolve_backend(backend, device, sample.dtype) if pair is not None else None
+    if pair is not None and name != "reference":  # int timesteps: one cached coefficient row
+        _check_noise(noise, sample)
+        m, v = _split_model_output(model_output, sample, schedule, learned_needed=True)
+        coef, tval, rows = _cached_step_row("ddpm", schedule, *pair, 0.0, False, device)
+        mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
+        return _fused_update(sample, m, v, noise, coef, tval, schedule, _rng(seed, sample_offset, device), name,
+                             noise_mode=mode, rows=rows)  # fmt: skip
     tt = _timesteps("t", t, b, device, 0, T)
     pt = tt - 1 if prev_t is None else _timesteps("prev_t", prev_t, b, device, -1, T)
     _prev_after(tt, pt)
@@ -338,6 +388,18 @@ def ddim_step(
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
+    pair = _int_pair("prev_t", t, prev_t, T)
+    name = resolve_backend(backend, device, sample.dtype) if pair is not None else None
+    if pair is not None and name != "reference":  # int timesteps: one cached coefficient row
+        _check_noise(noise, sample)
+        m, _ = _split_model_output(model_output, sample, schedule, learned_needed=False)
+        coef, tval, rows = _cached_step_row("ddim", schedule, *pair, float(eta), bool(use_clipped_model_output), device)
+        if eta == 0:
+            mode, noise, rng = L.NOISE_NONE, None, _rng(0, 0, device)
+        else:
+            mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
+            rng = _rng(seed, sample_offset, device)
+        return _fused_update(sample, m, None, noise, coef, tval, schedule, rng, name, noise_mode=mode, rows=rows)
     tt = _timesteps("t", t, b, device, 0, T)
     pt = _timesteps("prev_t", prev_t, b, device, -1, T)
     _prev_after(tt, pt)

@@ -318,3 +318,28 @@ def test_torch_compile_fullgraph_traces_a_sampling_step():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t), step(x, t))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_int_timesteps_take_the_cached_row_and_match_the_tensor_path(backend, sampler):
+    """``step(eps, 500, x)`` with Python ints uses one cached coefficient row (no per-call float64
+    math); it must give bit-identical results to the same step given as tensors."""
+    from fastddpm.ops import _cached_step_row
+
+    schedule = Schedule(variance_type="fixed_large", prediction_type="v_prediction", clip_sample=True)
+    x, m = _dev(*_inputs(schedule))
+    step = fastddpm.ddpm_step if sampler == "ddpm" else fastddpm.ddim_step
+    kw = dict(eta=0.7) if sampler == "ddim" else {}
+    for t, prev in ((731, 700), (1, 0), (0, -1)):
+        _cached_step_row.cache_clear()
+        a = step(m, t, x, schedule, prev_t=prev, seed=5, sample_offset=3, backend=backend, **kw)
+        assert _cached_step_row.cache_info().currsize == 1
+        a2 = step(m, t, x, schedule, prev_t=prev, seed=5, sample_offset=3, backend=backend, **kw)
+        assert _cached_step_row.cache_info().hits == 1
+        tt, pt = _dev(torch.tensor([t] * x.shape[0]), torch.tensor([prev] * x.shape[0]))
+        b = step(m, tt, x, schedule, prev_t=pt, seed=5, sample_offset=3, backend=backend, **kw)
+        for u, u2, w in zip(a, a2, b):
+            assert torch.equal(u, w) and torch.equal(u, u2)
+    if sampler == "ddpm":  # prev_t omitted: t - 1
+        assert torch.equal(step(m, 9, x, schedule, seed=1, backend=backend)[0],
+                           step(m, 9, x, schedule, prev_t=8, seed=1, backend=backend)[0])  # fmt: skip
