@@ -1318,7 +1318,7 @@ def format_table(result: BenchResult | dict[str, Any]) -> str:
     rows = result.rows if isinstance(result, BenchResult) else result["rows"]
     lines = [
         f"{'model':>12s} {'batch':>5s} {'row':<34s} {'ms/step':>9s} {'p20-p80':>17s} {'vs B0b':>7s} {'vs B0a':>7s} "
-        f"{'proj 1000 s':>11s} {'proj img/s':>10s} {'TFLOP/s':>7s} {'GB/s':>7s} {'%copy':>6s} {'MB':>8s}"
+        f"{'proj 1000 s':>11s} {'proj img/s':>10s} {'TFLOP/s':>7s} {'GB/s':>7s} {'%copy':>6s} {'vs KD':>6s} {'MB':>8s}"
     ]
     for r in rows:
         if r["status"] != "ok":
@@ -1331,7 +1331,7 @@ def format_table(result: BenchResult | dict[str, Any]) -> str:
             f"{_fmt(r.get('speedup_vs_B0b'), '7.2f')} {_fmt(r.get('speedup_vs_B0a'), '7.2f')} "
             f"{_fmt(r.get('proj_1000_steps_s'), '11.2f')} {_fmt(r.get('proj_images_per_s_1000_steps'), '10.3g')} "
             f"{_fmt(r.get('tflops'), '7.3g')} {_fmt(r.get('gbps'), '7.4g')} {_fmt(pct, '6.1f')} "
-            f"{_fmt(r.get('peak_mem_mb'), '8.0f')}"
+            f"{_fmt(r.get('speedup_vs_KD'), '6.2f')} {_fmt(r.get('peak_mem_mb'), '8.0f')}"
         )
     meta = result.meta if isinstance(result, BenchResult) else result.get("meta", {})
     return "\n".join(lines) + "\n\n" + format_targets(evaluate_targets(rows), meta.get("device_name"))
@@ -1361,7 +1361,7 @@ def plot_result(data: dict[str, Any], path: str | os.PathLike) -> Path | None:
         key = (r["model"], r["batch"])
         if r["row"] in MODEL_ROWS and key not in cases:
             cases.append(key)
-    kernel_rows = [r for r in rows if r["row"] in KERNEL_ROWS]
+    kernel_rows = [r for r in rows if r["row"] in KERNEL_ROWS and r["row"] != "MM"]  # MM: TFLOP/s, in the title
     panels = [(c, [r for r in rows if (r["model"], r["batch"]) == c and r["row"] in MODEL_ROWS]) for c in cases]
     if kernel_rows:
         panels.append((None, kernel_rows))
@@ -1385,7 +1385,9 @@ def plot_result(data: dict[str, Any], path: str | os.PathLike) -> Path | None:
             vals = [r.get("gbps") if r["status"] == "ok" else None for r in prs]
             copy = next((r["gbps"] for r in prs if r["row"] == "COPY" and r["status"] == "ok"), None)
             ax.set_xlabel("GB/s (bytes the op must move / time)")
-            ax.set_title("step kernel alone vs copy bandwidth", fontsize=9)
+            mm = next((r for r in rows if r["row"] == "MM" and r["status"] == "ok" and r.get("tflops")), None)
+            mm_text = f"; matmul yardstick (MM): {mm['tflops']:.3g} TFLOP/s" if mm else ""
+            ax.set_title(f"step kernel alone vs copy bandwidth{mm_text}", fontsize=9)
             if copy:
                 ax.axvline(copy, color="gray", lw=0.8, ls="--")
         finite = [v for v in vals if v]
