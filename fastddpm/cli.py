@@ -67,8 +67,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
         return run_sharded_sample(args, out, device)
     model, schedule, desc = load_model(args.model, device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last: cuDNN's fast layout on GPU, and oneDNN's on CPU (digits, b = 64: 61 -> 46 ms per step
+    # on the 2-core machine); sample() feeds the model channels_last input when its weights are.
+    model = model.to(memory_format=torch.channels_last)
     from .sampling import sample
 
     batch = args.batch_size or min(args.num_samples, 256)
