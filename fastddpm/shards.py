@@ -495,6 +495,7 @@ def run_sharded_sample(args: argparse.Namespace, out: Path, device: torch.device
     try:
         rank, ws = D.world()
         model, schedule, desc = load_model(args.model, device)
+        model = model.to(memory_format=torch.channels_last)  # the layout of `fastddpm sample`: the same images
         t0 = time.perf_counter()
         res = sample_sharded(
             model, schedule, out, args.num_samples, shard_size=getattr(args, "shard_size", None),
