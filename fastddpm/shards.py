@@ -487,7 +487,7 @@ def run_sharded_sample(args: argparse.Namespace, out: Path, device: torch.device
     gloo on CPU) and destroys it at the end. Reads ``args.shard_size`` (if the parser has it), else env
     ``FASTDDPM_SHARD_SIZE``.
     """
-    from .cli import DTYPES
+    from .cli import DTYPES, prepare_unet
     from .registry import load_model
     from .sampling import infer_shape
 
@@ -495,7 +495,7 @@ def run_sharded_sample(args: argparse.Namespace, out: Path, device: torch.device
     try:
         rank, ws = D.world()
         model, schedule, desc = load_model(args.model, device)
-        model = model.to(memory_format=torch.channels_last)  # the layout of `fastddpm sample`: the same images
+        model = prepare_unet(model, getattr(args, "compile", None))  # as `fastddpm sample` does: the same images
         t0 = time.perf_counter()
         res = sample_sharded(
             model, schedule, out, args.num_samples, shard_size=getattr(args, "shard_size", None),

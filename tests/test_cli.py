@@ -92,3 +92,31 @@ def test_grid_layout():
     # 3 columns x 2 rows of 32 px cells (8 px images upscaled 4x) with 1 px padding
     assert grid.shape == (2 * 33 + 1, 3 * 33 + 1, 1)
     np.testing.assert_array_equal(grid[1:33, 1:33, 0], arr[0].repeat(4, 0).repeat(4, 1)[..., 0])
+
+
+def test_compile_flag_compiles_the_unet_and_keeps_the_images(tmp_path):
+    """``--compile BACKEND`` wraps the U-Net in torch.compile (here a counting backend that runs the
+    traced graph as is, so the images must not change; inductor is what a user gets by default)."""
+    import torch._dynamo
+
+    calls = []
+
+    @torch._dynamo.register_backend(name="fastddpm_test_counting")
+    def _counting(gm, example_inputs):
+        calls.append(len(example_inputs))
+        return gm.forward
+
+    common = ["sample", "--num-samples", "5", "--steps", "3", "--batch-size", "3", "--seed", "4", "--quiet"]
+    plain, compiled = tmp_path / "plain.npz", tmp_path / "compiled.npz"
+    assert main([*common, "--out", str(plain)]) == 0
+    torch._dynamo.reset()
+    assert main([*common, "--out", str(compiled), "--compile", "fastddpm_test_counting"]) == 0
+    torch._dynamo.reset()
+    assert len(calls) >= 2  # batches of 3 and 2: one graph each (dynamic=False)
+    np.testing.assert_array_equal(np.load(compiled)["arr_0"], np.load(plain)["arr_0"])
+    args = __import__("fastddpm.cli", fromlist=["x"])
+    p = args.argparse.ArgumentParser()
+    sub = p.add_subparsers()
+    args.add_sample_parser(sub)
+    assert p.parse_args(["sample", "--compile"]).compile == "inductor"
+    assert p.parse_args(["sample"]).compile is None
