@@ -56,7 +56,7 @@ def ddpm_step_kernel(
     prev_ptr,  # [B, N] output x_{t-1} (cast to its dtype); written unless X0_ONLY
     x0_ptr,  # [B, N] output x0 (cast to its dtype); written only when WRITE_X0
     coef_ptr,  # [R, NCOEF] float32, contiguous: per-step coefficient table
-    tval_ptr,  # [R] int64: timestep value of each row, the Philox counter's t
+    tval_ptr,  # [R] int64: timestep value of row r is tval[r * tval_stride], the Philox counter's t
     rows_ptr,  # [.] int64: row of coef/tval used by sample b is rows[b * rows_stride]
     thresh_ptr,  # [.] float32: dynamic threshold of sample b is thresh[b * thresh_stride] (CLIP_THRESHOLD)
     rng_ptr,  # [2] int64: (seed, sample_offset), read on the device
@@ -69,6 +69,7 @@ def ddpm_step_kernel(
     prev_stride_b,
     x0_stride_b,
     rows_stride,  # stride of rows, in elements (0 for an expanded device-resident step index)
+    tval_stride,  # stride of tval, in elements (0 for one timestep expanded over every row)
     thresh_stride,  # stride of thresh, in elements
     clip_range,  # float32 bound of CLIP_RANGE: x0 = clamp(x0, -clip_range, clip_range)
     CLIP_MODE: tl.constexpr,  # _layout.CLIP_*
@@ -120,7 +121,7 @@ def ddpm_step_kernel(
                 tl.static_assert(NOISE_MODE == _NOISE_PHILOX, "unknown NOISE_MODE")
                 seed = tl.load(rng_ptr)
                 g = tl.load(rng_ptr + 1) + b
-                z = normal_tile(seed, q, g, tl.load(tval_ptr + row), _STREAM_STEP)
+                z = normal_tile(seed, q, g, tl.load(tval_ptr + row * tval_stride), _STREAM_STEP)
             if VAR_MODE == _VAR_LEARNED:
                 v = tl.load(v_ptr + b * v_stride_b + offs, mask=mask, other=0.0).to(tl.float32)
                 std = tl.exp(0.5 * (tl.load(c + _LVA) * v + tl.load(c + _LVB)))

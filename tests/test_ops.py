@@ -343,3 +343,18 @@ def test_int_timesteps_take_the_cached_row_and_match_the_tensor_path(backend, sa
     if sampler == "ddpm":  # prev_t omitted: t - 1
         assert torch.equal(step(m, 9, x, schedule, seed=1, backend=backend)[0],
                            step(m, 9, x, schedule, prev_t=8, seed=1, backend=backend)[0])  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["0-d", "[1]", "expanded [B]"])
+def test_one_tensor_timestep_for_the_whole_batch(backend, form):
+    """A 0-d / [1] tensor t (what a diffusers-style loop passes) reaches the kernels as a stride-0 [B]
+    view; every sample must read its own noise counter from it, as the reference does."""
+    schedule = Schedule()
+    x, m = _inputs(schedule, shape=(4, 3, 5, 7))
+    t = {"0-d": torch.tensor(500), "[1]": torch.tensor([500]), "expanded [B]": torch.tensor([500]).expand(4)}[form]
+    ref = fastddpm.ddpm_step(m.double(), t, x.double(), schedule, seed=9, sample_offset=2, backend="reference")
+    out = _host(fastddpm.ddpm_step(*_dev(m, t, x), schedule, seed=9, sample_offset=2, backend=backend))
+    for o, r in zip(out, ref):
+        assert float(((o.double() - r).abs() / (1 + r.abs())).max()) < 2e-5
+    ref_q = fastddpm.q_sample(x.double(), t, schedule, seed=9, backend="reference")
+    assert _err(_host(fastddpm.q_sample(*_dev(x, t), schedule, seed=9, backend=backend)), ref_q) < 2e-5

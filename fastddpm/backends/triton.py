@@ -234,6 +234,7 @@ def step(
                 prev_arg.stride(0),
                 x0_arg.stride(0),
                 rows.stride(0),
+                tval.stride(0),
                 thresh_arg.stride(0),
                 float(clip_range),
                 CLIP_MODE=clip_mode,
