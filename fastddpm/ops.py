@@ -131,6 +131,15 @@ def _validating() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def concrete_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index filled in (``"cuda"`` -> ``cuda:<current>``): tensors always carry an
+    index, and ``torch.device("cuda") != torch.device("cuda:0")``, so device checks compare concrete ones."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _check_tensor(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -338,19 +347,21 @@ def ddpm_step(
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
     pair = _int_pair("prev_t", t, prev_t, T)
-    name = resolve_backend(backend, device, sample.dtype) if pair is not None else None
+    _check_noise(noise, sample)
+    name = resolve_backend(backend, device, sample.dtype)
     if pair is not None and name != "reference":  # int timesteps: one cached coefficient row
-        _check_noise(noise, sample)
         m, v = _split_model_output(model_output, sample, schedule, learned_needed=True)
         coef, tval, rows = _cached_step_row("ddpm", schedule, *pair, 0.0, False, device)
         mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
         return _fused_update(sample, m, v, noise, coef, tval, schedule, _rng(seed, sample_offset, device), name,
                              noise_mode=mode, rows=rows)  # fmt: skip
-    tt = _timesteps("t", t, b, device, 0, T)
-    pt = tt - 1 if prev_t is None else _timesteps("prev_t", prev_t, b, device, -1, T)
-    _prev_after(tt, pt)
-    _check_noise(noise, sample)
-    name = resolve_backend(backend, device, sample.dtype)
+    if pair is not None:  # validated in Python: no device read (no host sync per call)
+        tt = torch.full((b,), pair[0], dtype=torch.int64, device=device)
+        pt = torch.full((b,), pair[1], dtype=torch.int64, device=device)
+    else:
+        tt = _timesteps("t", t, b, device, 0, T)
+        pt = tt - 1 if prev_t is None else _timesteps("prev_t", prev_t, b, device, -1, T)
+        _prev_after(tt, pt)
     if name == "reference":
         _split_model_output(model_output, sample, schedule, learned_needed=True)
         if noise is None and seed is None:
@@ -389,9 +400,9 @@ def ddim_step(
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
     pair = _int_pair("prev_t", t, prev_t, T)
-    name = resolve_backend(backend, device, sample.dtype) if pair is not None else None
+    _check_noise(noise, sample)
+    name = resolve_backend(backend, device, sample.dtype)
     if pair is not None and name != "reference":  # int timesteps: one cached coefficient row
-        _check_noise(noise, sample)
         m, _ = _split_model_output(model_output, sample, schedule, learned_needed=False)
         coef, tval, rows = _cached_step_row("ddim", schedule, *pair, float(eta), bool(use_clipped_model_output), device)
         if eta == 0:
@@ -400,11 +411,13 @@ def ddim_step(
             mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
             rng = _rng(seed, sample_offset, device)
         return _fused_update(sample, m, None, noise, coef, tval, schedule, rng, name, noise_mode=mode, rows=rows)
-    tt = _timesteps("t", t, b, device, 0, T)
-    pt = _timesteps("prev_t", prev_t, b, device, -1, T)
-    _prev_after(tt, pt)
-    _check_noise(noise, sample)
-    name = resolve_backend(backend, device, sample.dtype)
+    if pair is not None:  # validated in Python: no device read (no host sync per call)
+        tt = torch.full((b,), pair[0], dtype=torch.int64, device=device)
+        pt = torch.full((b,), pair[1], dtype=torch.int64, device=device)
+    else:
+        tt = _timesteps("t", t, b, device, 0, T)
+        pt = _timesteps("prev_t", prev_t, b, device, -1, T)
+        _prev_after(tt, pt)
     if name == "reference":
         _split_model_output(model_output, sample, schedule, learned_needed=False)
         if noise is None and seed is None and eta > 0:
@@ -481,7 +494,7 @@ def randn(
         raise ValueError(f"bad shape {shape}")
     if stream not in (L.STREAM_STEP, L.STREAM_QSAMPLE, L.STREAM_INIT):
         raise ValueError(f"unknown stream {stream}; allowed: STREAM_STEP=0, STREAM_QSAMPLE=1, STREAM_INIT=2")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = concrete_device(device if device is not None else "cpu")
     b = shape[0]
     n = math.prod(shape[1:])
     tt = _timesteps("t", t, b, device, 0, 2**31)

@@ -155,7 +155,9 @@ class Trajectory:
         self.learned = schedule.variance_type in LEARNED_VARIANCES and plan.sampler == "ddpm"
         self._launch = backend_module(backend).step
         # Feed the model channels_last input when its weights are channels_last (cuDNN's fast layout on GPU).
-        first = next((p for p in getattr(model, "parameters", lambda: iter(()))() if p.dim() == 4), None)
+        # (A conv weight with one input channel or a 1x1 kernel is both layouts at once: look past those.)
+        first = next((p for p in getattr(model, "parameters", lambda: iter(()))()
+                      if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1), None)  # fmt: skip
         self.channels_last = (
             first is not None and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
         )
@@ -219,7 +221,9 @@ class Trajectory:
 
 def _resolve_device(model: Any, device: torch.device | str | None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        from .ops import concrete_device
+
+        return concrete_device(device)
     if isinstance(model, torch.nn.Module):
         p = next(model.parameters(), None)
         if p is not None:

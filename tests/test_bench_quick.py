@@ -374,3 +374,20 @@ def test_targets_are_computed_from_the_rows_of_one_run():
     rows[4]["status"] = "skipped"
     assert H.evaluate_targets(rows)[1]["status"] == "unmeasured"
     assert "[unmeasured]" in H.format_targets(H.evaluate_targets(rows), "NVIDIA H200")
+
+
+def test_gpu_check_clears_only_fastddpm_build_locks(tmp_path):
+    (tmp_path / "py312_cu130" / "fastddpm_cuda_abc").mkdir(parents=True)
+    (tmp_path / "py312_cu130" / "other_ext").mkdir(parents=True)
+    ours = tmp_path / "py312_cu130" / "fastddpm_cuda_abc" / "lock"
+    theirs = tmp_path / "py312_cu130" / "other_ext" / "lock"
+    ours.write_text("")
+    theirs.write_text("")
+    assert gpu_check.clear_stale_build_locks(tmp_path) == [str(ours)]
+    assert not ours.exists() and theirs.exists()
+    assert gpu_check.clear_stale_build_locks(tmp_path / "missing") == []
+
+
+def test_gpu_check_pytest_selection_skips_compile_only_tests():
+    k = gpu_check.PYTEST_K
+    assert "not aot" in k and "not test_cuda_compile" in k and "not fullgraph" in k

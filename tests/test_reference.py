@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-import diffusers
-import diffusers.schedulers.scheduling_ddpm as ddpm_mod
 import pytest
 import torch
+
+diffusers = pytest.importorskip("diffusers")  # every test here compares with it
+import diffusers.schedulers.scheduling_ddpm as ddpm_mod  # noqa: E402
 
 import fastddpm
 from fastddpm import Schedule
