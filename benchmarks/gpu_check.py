@@ -466,7 +466,9 @@ def child_bench(args: argparse.Namespace) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for r in result.rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    targets = [dict(target=t["target"], status=t["status"], value=t["value"]) for t in harness.evaluate_targets(result.rows)]
+    targets = [
+        dict(target=t["target"], status=t["status"], value=t["value"]) for t in harness.evaluate_targets(result.rows)
+    ]
     return dict(rows=counts, total_s=result.meta.get("total_s"), device=result.meta.get("device_name"), targets=targets)
 
 

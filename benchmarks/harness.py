@@ -1296,7 +1296,9 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if fb:
         top = max(r["batch"] for r in fb)
         fmax = best_f(top)
-    minutes = None if fmax is None else math.ceil(TARGET_SAMPLES / fmax["batch"]) * 1000 * fmax["ms_per_step_median"] / 6e4
+    minutes = (
+        None if fmax is None else math.ceil(TARGET_SAMPLES / fmax["batch"]) * 1000 * fmax["ms_per_step_median"] / 6e4
+    )
     out.append(entry(f"{TARGET_SAMPLES:,} CIFAR-10-sized samples (1000 steps) in under {TARGET_MINUTES:.0f} minutes "
                      "(projected from the measured ms/step)", minutes, TARGET_MINUTES, [fmax], higher=False))  # fmt: skip
     return out

@@ -16,12 +16,12 @@ import itertools
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")  # every test here compares with it
-import diffusers.schedulers.scheduling_ddpm as ddpm_mod  # noqa: E402
-
 import fastddpm
 from fastddpm import Schedule
 from fastddpm.schedule import space_timesteps
+
+diffusers = pytest.importorskip("diffusers")  # every test here compares with it
+ddpm_mod = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
 
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
 VARIANCES_DIFFUSERS_OK = ["fixed_small", "fixed_small_log", "fixed_large", "learned_range"]

@@ -142,10 +142,10 @@ def ptx_memory_ops(ptx: str) -> dict:
 
 def _variants() -> list[tuple[str, Callable[[], None]]]:
     import torch
+    from fastddpm.kernels import groupnorm
 
     from fastddpm import _layout as L
     from fastddpm.backends import triton as tb
-    from fastddpm.kernels import groupnorm
 
     B, N = 4, 3 * 32 * 32  # a CIFAR-sized sample: N % 16 == 0 and 16-byte aligned rows
 
@@ -235,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
 
         gpu_check.ensure_package_aliases()
     import triton
-
     from fastddpm.kernels import groupnorm
 
     groupnorm._kernel_can_run = lambda x: True  # CPU tensors: compile instead of the torch fallback
