@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_groupnorm.h"
 #include "fastddpm_math.h"
 #include "torch_checks.h"
 
@@ -532,7 +533,7 @@ void randn(const at::Tensor& out, const at::Tensor& t, const at::Tensor& rng, in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   namespace py = pybind11;
-  module.doc() = "fastddpm CPU kernels: fused DDPM/DDIM step, q_sample and counter-based randn";
+  module.doc() = "fastddpm CPU kernels: fused DDPM/DDIM step, q_sample, counter-based randn, GroupNorm+SiLU";
   module.def("step", &fastddpm::cpu::step, "Fused DDPM/DDIM step on [B, N] CPU tensors (see fastddpm.backends)",
              py::arg("x"), py::arg("m"), py::arg("v"), py::arg("noise"), py::arg("prev_out"), py::arg("x0_out"),
              py::arg("coef"), py::arg("tval"), py::arg("rows"), py::arg("thresh"), py::arg("rng"), py::kw_only(),
@@ -543,4 +544,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::kw_only(), py::arg("noise_mode"));
   module.def("randn", &fastddpm::cpu::randn, "Counter-based standard normals into a [B, N] CPU tensor",
              py::arg("out"), py::arg("t"), py::arg("rng"), py::kw_only(), py::arg("stream"));
+  module.def("group_norm_silu", &fastddpm::cpu::group_norm_silu,
+             "silu(group_norm(x + add)) for float32 CPU tensors, contiguous or channels_last", py::arg("x"),
+             py::arg("weight"), py::arg("bias"), py::arg("num_groups"), py::arg("eps"), py::arg("add"),
+             py::arg("silu"));
 }

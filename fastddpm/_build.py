@@ -42,9 +42,9 @@ __all__ = [
     "load_cuda_extension",
 ]
 
-_CPU_SOURCES = ("cpu_kernels.cpp",)
+_CPU_SOURCES = ("cpu_kernels.cpp", "cpu_groupnorm.cpp")
 _CUDA_SOURCES = ("cuda_binding.cpp", "cuda_kernels.cu")
-_HEADERS = ("fastddpm_math.h", "torch_checks.h", "cuda_kernels.h")
+_HEADERS = ("fastddpm_math.h", "torch_checks.h", "cuda_kernels.h", "cpu_groupnorm.h")
 
 
 class ExtensionUnavailableError(RuntimeError):

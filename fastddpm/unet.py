@@ -27,6 +27,7 @@ Architecture (Ho et al. 2020, appendix B; diffusers ``models/unets/unet_2d.py``)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -329,6 +330,14 @@ def _fused_group_norm_silu() -> Any:
 _FUSED_NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def _cpu_fused_norm_available() -> bool:
+    """Whether the CPU extension (with ``group_norm_silu``) builds here; asked once per process."""
+    from fastddpm.backends import cpu
+
+    return cpu.available("cpu")[0]
+
+
 def _norm_act(norm: nn.GroupNorm, h: torch.Tensor, add: torch.Tensor | None = None, silu: bool = True) -> torch.Tensor:
     """``silu(group_norm(h + add[:, :, None, None]))`` (add and SiLU optional); every U-Net GroupNorm goes here.
 
@@ -345,7 +354,10 @@ def _norm_act(norm: nn.GroupNorm, h: torch.Tensor, add: torch.Tensor | None = No
     On CUDA tensors of float32/float16/bfloat16, when no gradient is needed, outside ``torch.compile``
     tracing (Inductor fuses these ops itself), with ``fastddpm.kernels.groupnorm`` importable and the
     environment variable ``FASTDDPM_FUSED_NORM`` not ``"0"``, this calls the fused Triton kernel
-    ``group_norm_silu`` (one read and one write of ``h``; ``h + add`` kept in float32). Otherwise plain PyTorch.
+    ``group_norm_silu`` (one read and one write of ``h``; ``h + add`` kept in float32). On CPU, under the
+    same conditions, float32 channels_last ``h`` goes to the C++ kernel ``fastddpm.backends.cpu.group_norm_silu``
+    (PyTorch's CPU group_norm is slow on channels_last; on NCHW it is as fast as the fused kernel, so
+    NCHW stays on PyTorch). Otherwise plain PyTorch.
     """
     if (
         h.is_cuda
@@ -360,6 +372,23 @@ def _norm_act(norm: nn.GroupNorm, h: torch.Tensor, add: torch.Tensor | None = No
         fused = _fused_group_norm_silu()
         if fused:
             return fused(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
+    elif (
+        h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and h.dim() == 4
+        and not h.is_contiguous()
+        and h.is_contiguous(memory_format=torch.channels_last)
+        and not (
+            torch.is_grad_enabled()
+            and (h.requires_grad or norm.weight.requires_grad or (add is not None and add.requires_grad))
+        )
+        and not torch.compiler.is_compiling()
+        and os.environ.get("FASTDDPM_FUSED_NORM", "1") != "0"
+        and _cpu_fused_norm_available()
+    ):
+        from fastddpm.backends import cpu
+
+        return cpu.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
     if add is not None:
         h = h + add[:, :, None, None]
     h = F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)

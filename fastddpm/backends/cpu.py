@@ -14,7 +14,7 @@ import torch
 from .. import _build
 from ._extension import ExtensionLaunchers
 
-__all__ = ["available", "q_sample", "randn", "step"]
+__all__ = ["available", "group_norm_silu", "q_sample", "randn", "step"]
 
 
 def available(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -38,3 +38,32 @@ _launchers = ExtensionLaunchers(_build.load_cpu_extension)
 step = _launchers.step
 q_sample = _launchers.q_sample
 randn = _launchers.randn
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    add: torch.Tensor | None = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """``silu(group_norm(x + add[:, :, None, None]))`` on float32 CPU tensors in two passes over x
+    (``csrc/cpu_groupnorm.cpp``; inference only, no autograd).
+
+    Args:
+        x: float32 ``[B, C, *spatial]``, contiguous or channels_last.
+        weight, bias: float32 ``[C]`` or None.
+        num_groups: divides C.
+        eps: added to the group variance.
+        add: optional ``[B, C]`` (any float dtype; made float32 contiguous here).
+        silu: apply SiLU after the affine transform.
+    Returns:
+        float32 tensor shaped and laid out like ``x``.
+    """
+    ext = _build.load_cpu_extension()
+    w = weight.float().contiguous() if weight is not None else None
+    b = bias.float().contiguous() if bias is not None else None
+    a = add.float().contiguous() if add is not None else None
+    return ext.group_norm_silu(x, w, b, int(num_groups), float(eps), a, bool(silu))

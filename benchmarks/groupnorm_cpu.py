@@ -1,0 +1,118 @@
+"""The fused CPU GroupNorm+SiLU (csrc/cpu_groupnorm.cpp) against PyTorch's add + group_norm + silu.
+
+Two measurements, each alternating the two versions in the same process (median, p20-p80):
+
+* the op alone on channels_last float32 activations of the digits and CIFAR-10 U-Nets' sizes;
+* a whole forward of the bundled digits U-Net (channels_last, batch 64), with the fused op on and off
+  (``FASTDDPM_FUSED_NORM``).
+
+Usage::
+
+    python benchmarks/groupnorm_cpu.py [--out benchmarks/results/groupnorm_cpu-DATE.json] [--reps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(64, 64, 8, 8, 32), (64, 128, 4, 4, 32), (8, 128, 32, 32, 32), (8, 256, 16, 16, 32)]
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=5)
+    return dict(median=statistics.median(values), p20=q[0], p80=q[3])
+
+
+def _alternate(fns: dict[str, object], reps: int, inner: int) -> dict[str, dict[str, float]]:
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t0) / inner * 1e3)
+    return {k: _summary(v) for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--reps", type=int, default=15, help="alternating rounds per measurement (default 15)")
+    args = p.parse_args()
+
+    from fastddpm.backends import cpu
+    from fastddpm.registry import load_model
+
+    ok, why = cpu.available("cpu")
+    if not ok:
+        raise SystemExit(f"the cpu backend is unavailable: {why}")
+    result: dict = dict(
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        loadavg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        op_ms={},
+    )
+    with torch.inference_mode():
+        for b, c, h, w, g in SHAPES:
+            x = torch.randn(b, c, h, w).to(memory_format=torch.channels_last)
+            weight, bias, add = torch.randn(c), torch.randn(c), torch.randn(b, c)
+            res = _alternate(
+                {
+                    "torch": lambda: F.silu(F.group_norm(x + add[:, :, None, None], g, weight, bias, 1e-6)),
+                    "fused": lambda: cpu.group_norm_silu(x, weight, bias, g, 1e-6, add=add),
+                },
+                args.reps,
+                10,
+            )
+            key = f"{b}x{c}x{h}x{w}/{g} groups"
+            result["op_ms"][key] = res
+            print(f"{key:24s} torch {res['torch']['median']:.3f} ms, fused {res['fused']['median']:.3f} ms, "
+                  f"{res['torch']['median'] / res['fused']['median']:.2f}x")  # fmt: skip
+
+        model, _, _ = load_model("digits", "cpu")
+        net = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        xin = torch.randn(64, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+        t = torch.full((64,), 500)
+        saved = os.environ.get("FASTDDPM_FUSED_NORM")
+
+        def forward(flag: str):
+            def run() -> None:
+                os.environ["FASTDDPM_FUSED_NORM"] = flag
+                net(xin, t)
+
+            return run
+
+        try:
+            res = _alternate({"plain": forward("0"), "fused": forward("1")}, 2 * args.reps, 5)
+        finally:
+            if saved is None:
+                os.environ.pop("FASTDDPM_FUSED_NORM", None)
+            else:
+                os.environ["FASTDDPM_FUSED_NORM"] = saved
+        result["digits_unet_b64_forward_ms"] = res
+        print(f"digits U-Net forward, b=64, channels_last: plain {res['plain']['median']:.1f} ms, "
+              f"fused {res['fused']['median']:.1f} ms, {res['plain']['median'] / res['fused']['median']:.2f}x")  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
