@@ -72,14 +72,14 @@ def main() -> None:
         for b, c, h, w, g in SHAPES:
             x = torch.randn(b, c, h, w).to(memory_format=torch.channels_last)
             weight, bias, add = torch.randn(c), torch.randn(c), torch.randn(b, c)
-            res = _alternate(
-                {
-                    "torch": lambda: F.silu(F.group_norm(x + add[:, :, None, None], g, weight, bias, 1e-6)),
-                    "fused": lambda: cpu.group_norm_silu(x, weight, bias, g, 1e-6, add=add),
-                },
-                args.reps,
-                10,
-            )
+
+            def plain(x=x, w=weight, b_=bias, a=add, g=g):
+                return F.silu(F.group_norm(x + a[:, :, None, None], g, w, b_, 1e-6))
+
+            def fused(x=x, w=weight, b_=bias, a=add, g=g):
+                return cpu.group_norm_silu(x, w, b_, g, 1e-6, add=a)
+
+            res = _alternate({"torch": plain, "fused": fused}, args.reps, 10)
             key = f"{b}x{c}x{h}x{w}/{g} groups"
             result["op_ms"][key] = res
             print(f"{key:24s} torch {res['torch']['median']:.3f} ms, fused {res['fused']['median']:.3f} ms, "

@@ -19,7 +19,9 @@ def _reference(x, weight, bias, groups, eps, add, silu):
     h = x.double()
     if add is not None:
         h = h + add.double()[:, :, None, None]
-    y = F.group_norm(h, groups, None if weight is None else weight.double(), None if bias is None else bias.double(), eps)
+    y = F.group_norm(
+        h, groups, None if weight is None else weight.double(), None if bias is None else bias.double(), eps
+    )
     return F.silu(y) if silu else y
 
 
