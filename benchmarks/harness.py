@@ -110,8 +110,8 @@ class Variant:
         dtype: U-Net autocast dtype, ``"fp32"`` (no autocast), ``"bf16"`` or ``"fp16"``; the step math
             stays float32 (this is ``sample(dtype=...)``).
         channels_last: U-Net weights and input in ``torch.channels_last``.
-        fused_norm: the fused GroupNorm+SiLU Triton kernel of the U-Net (CUDA only); ``False`` sets
-            ``FASTDDPM_FUSED_NORM=0`` while the row runs.
+        fused_norm: the U-Net's fused GroupNorm+SiLU (the Triton kernel on CUDA, the C++ kernel on CPU for
+            channels_last float32); ``False`` sets ``FASTDDPM_FUSED_NORM=0`` while the row runs.
         sdpa: ``"auto"`` (PyTorch picks flash / memory-efficient attention) or ``"math"`` (the unfused
             reference attention, forced with ``torch.nn.attention.sdpa_kernel``).
         compile_unet: F rows only: ``torch.compile`` the U-Net inside the fastddpm sampler.
@@ -291,7 +291,8 @@ def default_tasks(device_type: str, cases: Sequence[Case] | None = None, *, quic
         if cuda:
             rows += [Row("F2", Variant(dtype="bf16")), Row("F2", bf16cl), Row("F3", bf16cl, steps_per_graph=k)]
         elif c == next(x for x in cases if x.model == c.model):  # CPU: option rows at one batch per model
-            rows += [Row("F1", Variant(dtype="bf16")), Row("F1", Variant(channels_last=True))]
+            rows += [Row("F1", Variant(dtype="bf16")), Row("F1", Variant(channels_last=True)),
+                     Row("F1", Variant(channels_last=True, fused_norm=False))]  # fmt: skip
         rows += [Row("K0"), Row("KD"), Row("K1"), Row("K2")]
         tasks += [Task(c, r, 0) for r in rows]
     compiled = [Row("B1"), Row("B2")]
