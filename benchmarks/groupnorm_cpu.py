@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(64, 64, 8, 8, 32), (64, 128, 4, 4, 32), (8, 128, 32, 32, 32), (8, 256, 16, 16, 32)]
+SHAPES = [
+    (64, 64, 8, 8, 32),
+    (64, 128, 4, 4, 32),
+    (1, 128, 32, 32, 32),
+    (1, 256, 16, 16, 32),
+    (8, 128, 32, 32, 32),
+    (8, 256, 16, 16, 32),
+]
 
 
 def _summary(values: list[float]) -> dict[str, float]:

@@ -12,7 +12,7 @@
 //   scale = rstd * weight[c] (subtracting first keeps the rounding of PyTorch's (h - mean) * rstd form);
 //   SiLU through the polynomial exp of fastddpm_math.h, so the loop vectorises.
 // Bytes per element: reads x twice, writes y once: 12 (PyTorch's add + group_norm + silu: ~24).
-// Threads: torch's intra-op pool, over samples (NHWC) or (sample, channel) rows (NCHW).
+// Threads: torch's intra-op pool, over (sample, slice of positions) (NHWC) or (sample, channel) rows (NCHW).
 
 #include "cpu_groupnorm.h"
 
@@ -166,32 +166,60 @@ at::Tensor group_norm_silu(const at::Tensor& x, const std::optional<at::Tensor>&
   std::vector<float> center(B * C), scale(B * C), beta(B * C), pivot(B * G), dshift(B * C);
   const int64_t cpg = C / G;
   if (nhwc) {
-    // Element (b, c, s) at ((b * S) + s) * C + c: per sample, accumulate all channels of each position.
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    // Element (b, c, s) at ((b * S) + s) * C + c. The positions of each sample are cut into K slices
+    // (enough work items for every thread even at batch 1); each slice sums all channels of its
+    // positions into its own row of partial sums (double), which are then added per sample.
+    for (int64_t b = 0; b < B; ++b) {
       std::vector<float> first(G);
-      for (int64_t b = lo; b < hi; ++b) {
-        const float* xb = xp + b * S * C;
-        const float* ab = ap ? ap + b * C : nullptr;
-        double* sb = sum.data() + b * C;
-        double* qb = sq.data() + b * C;
-        float* db = dshift.data() + b * C;
-        for (int64_t g = 0; g < G; ++g) first[g] = xb[g * cpg];
-        channel_pivots(C, G, first.data(), ab, pivot.data() + b * G, db);
-        std::fill(sb, sb + C, 0.0);
-        std::fill(qb, qb + C, 0.0);
-        for (int64_t s = 0; s < S; ++s) {
-          const float* row = xb + s * C;
+      for (int64_t g = 0; g < G; ++g) first[g] = xp[b * S * C + g * cpg];
+      channel_pivots(C, G, first.data(), ap ? ap + b * C : nullptr, pivot.data() + b * G, dshift.data() + b * C);
+    }
+    const int64_t per_slice = std::max<int64_t>(1, std::min<int64_t>(S, 4096 / std::max<int64_t>(C, 1)));
+    const int64_t K = (S + per_slice - 1) / per_slice;
+    std::vector<double> psum(B * K * C), psq(B * K * C);
+    at::parallel_for(0, B * K, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t b = item / K, k = item % K;
+        const float* db = dshift.data() + b * C;
+        double* ps = psum.data() + item * C;
+        double* pq = psq.data() + item * C;
+        std::fill(ps, ps + C, 0.0);
+        std::fill(pq, pq + C, 0.0);
+        const int64_t s_end = std::min(S, (k + 1) * per_slice);
+        for (int64_t s = k * per_slice; s < s_end; ++s) {
+          const float* row = xp + (b * S + s) * C;
           for (int64_t c = 0; c < C; ++c) {
             const double v = static_cast<double>(row[c] - db[c]);
-            sb[c] += v;
-            qb[c] += v * v;
+            ps[c] += v;
+            pq[c] += v * v;
           }
         }
-        float* cb = center.data() + b * C;
-        float* kb = scale.data() + b * C;
-        float* eb = beta.data() + b * C;
-        channel_affine(C, G, S, eps, sb, qb, pivot.data() + b * G, ab, wp, bp, cb, kb, eb);
-        for (int64_t s = 0; s < S; ++s) apply_pixel(xb + s * C, yp + (b * S + s) * C, C, cb, kb, eb, silu);
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
+      double* sb = sum.data() + b * C;
+      double* qb = sq.data() + b * C;
+      std::fill(sb, sb + C, 0.0);
+      std::fill(qb, qb + C, 0.0);
+      for (int64_t k = 0; k < K; ++k) {
+        const double* ps = psum.data() + (b * K + k) * C;
+        const double* pq = psq.data() + (b * K + k) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          sb[c] += ps[c];
+          qb[c] += pq[c];
+        }
+      }
+      channel_affine(C, G, S, eps, sb, qb, pivot.data() + b * G, ap ? ap + b * C : nullptr, wp, bp,
+                     center.data() + b * C, scale.data() + b * C, beta.data() + b * C);
+    }
+    at::parallel_for(0, B * K, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t b = item / K, k = item % K;
+        const int64_t s_end = std::min(S, (k + 1) * per_slice);
+        for (int64_t s = k * per_slice; s < s_end; ++s) {
+          apply_pixel(xp + (b * S + s) * C, yp + (b * S + s) * C, C, center.data() + b * C, scale.data() + b * C,
+                      beta.data() + b * C, silu);
+        }
       }
     });
   } else {
