@@ -3,8 +3,8 @@
 Two measurements, each alternating the two versions in the same process (median, p20-p80):
 
 * the op alone on channels_last float32 activations of the digits and CIFAR-10 U-Nets' sizes;
-* a whole forward of the bundled digits U-Net (channels_last, batch 64), with the fused op on and off
-  (``FASTDDPM_FUSED_NORM``).
+* a whole U-Net forward, channels_last, with the fused op on and off (``FASTDDPM_FUSED_NORM``): the
+  bundled digits model at batch 64 and the ``ddpm-cifar10`` preset (random weights) at batch 1.
 
 Usage::
 
@@ -92,29 +92,36 @@ def main() -> None:
             print(f"{key:24s} torch {res['torch']['median']:.3f} ms, fused {res['fused']['median']:.3f} ms, "
                   f"{res['torch']['median'] / res['fused']['median']:.2f}x")  # fmt: skip
 
-        model, _, _ = load_model("digits", "cpu")
-        net = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        xin = torch.randn(64, 1, 8, 8).contiguous(memory_format=torch.channels_last)
-        t = torch.full((64,), 500)
+        from fastddpm.unet import UNet
+
+        torch.manual_seed(0)
+        nets = {
+            "digits_unet_b64_forward_ms": (load_model("digits", "cpu")[0], (64, 1, 8, 8)),
+            "cifar10_unet_b1_forward_ms": (UNet.from_preset("ddpm-cifar10").eval(), (1, 3, 32, 32)),
+        }
         saved = os.environ.get("FASTDDPM_FUSED_NORM")
-
-        def forward(flag: str):
-            def run() -> None:
-                os.environ["FASTDDPM_FUSED_NORM"] = flag
-                net(xin, t)
-
-            return run
-
         try:
-            res = _alternate({"plain": forward("0"), "fused": forward("1")}, 2 * args.reps, 5)
+            for key, (model, shape) in nets.items():
+                net = copy.deepcopy(model).to(memory_format=torch.channels_last)
+                xin = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+                t = torch.full((shape[0],), 500)
+
+                def forward(flag: str, net=net, xin=xin, t=t):
+                    def run() -> None:
+                        os.environ["FASTDDPM_FUSED_NORM"] = flag
+                        net(xin, t)
+
+                    return run
+
+                res = _alternate({"plain": forward("0"), "fused": forward("1")}, 2 * args.reps, 3)
+                result[key] = res
+                print(f"{key}, channels_last: plain {res['plain']['median']:.1f} ms, "
+                      f"fused {res['fused']['median']:.1f} ms, {res['plain']['median'] / res['fused']['median']:.2f}x")  # fmt: skip
         finally:
             if saved is None:
                 os.environ.pop("FASTDDPM_FUSED_NORM", None)
             else:
                 os.environ["FASTDDPM_FUSED_NORM"] = saved
-        result["digits_unet_b64_forward_ms"] = res
-        print(f"digits U-Net forward, b=64, channels_last: plain {res['plain']['median']:.1f} ms, "
-              f"fused {res['fused']['median']:.1f} ms, {res['plain']['median'] / res['fused']['median']:.2f}x")  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
