@@ -1249,8 +1249,8 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     per-step time of that row (``50000 / batch`` batches of 1000 steps), not a timed 50k run.
     """
 
-    def ok(r: dict[str, Any]) -> bool:
-        return r["status"] == "ok" and bool(r.get("ms_per_step_median"))
+    def ok(r: dict[str, Any]) -> bool:  # a row whose images are not finite never counts
+        return r["status"] == "ok" and bool(r.get("ms_per_step_median")) and r.get("output_finite") is not False
 
     def pick(kind: str, model: str, batch: int | None = None, *, default_only: bool = True) -> dict | None:
         cand = [r for r in rows if ok(r) and r["row"] == kind and r["model"] == model

@@ -4,10 +4,10 @@
 // Layouts: NCHW-contiguous or channels_last (NHWC) [B, C, *spatial]; y gets x's layout.
 // Pass 1 (statistics): per (sample, channel) sums of d = h - K and d^2 over the S spatial positions,
 //   where h = x + add[b, c] and K is one element of the group (its first, in h): the shifted-data
-//   algorithm, so E[d^2] - E[d]^2 does not cancel catastrophically when |mean| >> std. NCHW rows
-//   sum in 8 float lanes (vectorised, no reassociation needed) flushed to double every 64 elements;
-//   NHWC sums every channel of a position at once, in double (vectorised across channels). The
-//   group's mean and variance are formed in double from its channels' sums.
+//   algorithm, so E[d^2] - E[d]^2 does not cancel catastrophically when |mean| >> std. All sums are
+//   in double (d too: a float x - K could overflow): NCHW rows in 8 lanes (vectorised, no
+//   reassociation needed), NHWC over every channel of a position at once (vectorised across
+//   channels). The group's mean and variance are formed in double from its channels' sums.
 // Pass 2 (apply): y = silu((x - center[c]) * scale[c] + bias[c]) with center = mean - add[b, c] and
 //   scale = rstd * weight[c] (subtracting first keeps the rounding of PyTorch's (h - mean) * rstd form);
 //   SiLU through the polynomial exp of fastddpm_math.h, so the loop vectorises.
@@ -31,34 +31,31 @@ namespace cpu {
 namespace {
 
 constexpr int64_t LANES = 8;
-constexpr int64_t FLUSH = 64;  // NCHW: elements summed in float lanes (8 per lane) before going to double
 
 FDDPM_INLINE float silu_f32(float v) { return v / (1.0f + exp_f32(-v)); }
 
-// Sum and sum of squares of (p[i] - shift) over n contiguous floats, 8 float lanes at a time,
-// flushed to double.
-void row_sums(const float* p, int64_t n, float shift, double& sum, double& sq) {
-  double s = 0.0, q = 0.0;
-  for (int64_t start = 0; start < n; start += FLUSH) {
-    const int64_t end = std::min(n, start + FLUSH);
-    float ls[LANES] = {0}, lq[LANES] = {0};
-    int64_t i = start;
-    for (; i + LANES <= end; i += LANES) {
-      for (int64_t j = 0; j < LANES; ++j) {
-        const float v = p[i + j] - shift;
-        ls[j] += v;
-        lq[j] += v * v;
-      }
-    }
-    for (; i < end; ++i) {
-      const float v = p[i] - shift;
-      ls[0] += v;
-      lq[0] += v * v;
-    }
+// Sum and sum of squares of (p[i] - shift) over n contiguous floats, in 8 double lanes (vectorised;
+// double because a pivot far from the group mean leaves E[d^2] - E[d]^2 to cancel).
+void row_sums(const float* p, int64_t n, double shift, double& sum, double& sq) {
+  double ls[LANES] = {0}, lq[LANES] = {0};
+  const double k = shift;
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
     for (int64_t j = 0; j < LANES; ++j) {
-      s += ls[j];
-      q += lq[j];
+      const double v = static_cast<double>(p[i + j]) - k;
+      ls[j] += v;
+      lq[j] += v * v;
     }
+  }
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(p[i]) - k;
+    ls[0] += v;
+    lq[0] += v * v;
+  }
+  double s = 0.0, q = 0.0;
+  for (int64_t j = 0; j < LANES; ++j) {
+    s += ls[j];
+    q += lq[j];
   }
   sum = s;
   sq = q;
@@ -91,18 +88,18 @@ void apply_pixel(const float* x, float* y, int64_t C, const float* center, const
 
 // Per-channel pivot d[c] = K_g - add[c] of sample b, K_g = h at the group's first element
 // (channel c0 = g * cpg, position 0, whose x is first_x[g]): x - d[c] = h - K_g.
-void channel_pivots(int64_t C, int64_t G, const float* first_x, const float* add, float* pivot_h, float* d) {
+void channel_pivots(int64_t C, int64_t G, const float* first_x, const float* add, double* pivot_h, double* d) {
   const int64_t cpg = C / G;
   for (int64_t g = 0; g < G; ++g) {
-    const float k = first_x[g] + (add ? add[g * cpg] : 0.0f);
+    const double k = static_cast<double>(first_x[g]) + (add ? add[g * cpg] : 0.0);
     pivot_h[g] = k;
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) d[c] = k - (add ? add[c] : 0.0f);
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) d[c] = k - (add ? add[c] : 0.0);
   }
 }
 
 // Per-channel (center, scale, beta) of sample b from its per-channel sums of h - K_g.
 void channel_affine(int64_t C, int64_t G, int64_t S, double eps, const double* sum, const double* sq,
-                    const float* pivot_h, const float* add, const float* weight, const float* bias, float* center,
+                    const double* pivot_h, const float* add, const float* weight, const float* bias, float* center,
                     float* scale, float* beta) {
   const int64_t cpg = C / G;
   const double count = static_cast<double>(cpg * S);
@@ -113,7 +110,7 @@ void channel_affine(int64_t C, int64_t G, int64_t S, double eps, const double* s
       sd2 += sq[c];
     }
     const double md = sd / count;
-    const double mean = static_cast<double>(pivot_h[g]) + md;
+    const double mean = pivot_h[g] + md;
     const double var = std::max(sd2 / count - md * md, 0.0);
     const double rstd = 1.0 / std::sqrt(var + eps);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
@@ -163,7 +160,8 @@ at::Tensor group_norm_silu(const at::Tensor& x, const std::optional<at::Tensor>&
   const int64_t G = num_groups;
 
   std::vector<double> sum(B * C), sq(B * C);
-  std::vector<float> center(B * C), scale(B * C), beta(B * C), pivot(B * G), dshift(B * C);
+  std::vector<float> center(B * C), scale(B * C), beta(B * C);
+  std::vector<double> pivot(B * G), dshift(B * C);
   const int64_t cpg = C / G;
   if (nhwc) {
     // Element (b, c, s) at ((b * S) + s) * C + c. The positions of each sample are cut into K slices
@@ -180,7 +178,7 @@ at::Tensor group_norm_silu(const at::Tensor& x, const std::optional<at::Tensor>&
     at::parallel_for(0, B * K, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t item = lo; item < hi; ++item) {
         const int64_t b = item / K, k = item % K;
-        const float* db = dshift.data() + b * C;
+        const double* db = dshift.data() + b * C;
         double* ps = psum.data() + item * C;
         double* pq = psq.data() + item * C;
         std::fill(ps, ps + C, 0.0);
@@ -189,7 +187,7 @@ at::Tensor group_norm_silu(const at::Tensor& x, const std::optional<at::Tensor>&
         for (int64_t s = k * per_slice; s < s_end; ++s) {
           const float* row = xp + (b * S + s) * C;
           for (int64_t c = 0; c < C; ++c) {
-            const double v = static_cast<double>(row[c] - db[c]);
+            const double v = static_cast<double>(row[c]) - db[c];
             ps[c] += v;
             pq[c] += v * v;
           }

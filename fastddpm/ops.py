@@ -180,10 +180,15 @@ def _prev_after(t: torch.Tensor, prev_t: torch.Tensor) -> None:
         raise ValueError("prev_t must be smaller than t (use prev_t=-1 for the final step)")
 
 
-def _int_pair(name_prev: str, t: Timestep, prev_t: Timestep | None, T: int) -> tuple[int, int] | None:
+def _int_pair(
+    name_prev: str, t: Timestep, prev_t: Timestep | None, T: int, *, default_prev: bool = True
+) -> tuple[int, int] | None:
     """``(t, prev_t)`` validated as Python ints when both came as ints (the diffusers-style call
-    ``step(eps, 500, x)``), else None. Same errors as the tensor path."""
-    if type(t) is not int or not (prev_t is None or type(prev_t) is int) or not _validating():
+    ``step(eps, 500, x)``), else None. ``prev_t=None`` means ``t - 1`` only where ``default_prev``
+    (DDPM); otherwise the tensor path raises for it. Same errors as the tensor path."""
+    if type(t) is not int or not _validating():
+        return None
+    if not ((prev_t is None and default_prev) or type(prev_t) is int):
         return None
     if not 0 <= t < T:
         raise ValueError(f"t={t} is out of range [0, {T})")
@@ -399,7 +404,7 @@ def ddim_step(
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
-    pair = _int_pair("prev_t", t, prev_t, T)
+    pair = _int_pair("prev_t", t, prev_t, T, default_prev=False)
     _check_noise(noise, sample)
     name = resolve_backend(backend, device, sample.dtype)
     if pair is not None and name != "reference":  # int timesteps: one cached coefficient row

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["PRESETS", "UNet", "UNetConfig"]
 
@@ -338,6 +339,36 @@ def _cpu_fused_norm_available() -> bool:
     return cpu.available("cpu")[0]
 
 
+def _fused_norm_allowed(norm: nn.GroupNorm, h: torch.Tensor, add: torch.Tensor | None) -> bool:
+    """Whether a fused (opaque to PyTorch) GroupNorm kernel may replace the plain ops for this call.
+
+    Only for plain tensors in plain eager inference: no gradient wanted for ``h``, ``add`` or any of the
+    norm's parameters; not while ``torch.compile``, ``torch.jit.trace``/``script``, ``make_fx`` or any other
+    dispatch mode traces (they would record an empty output), not under forward-mode AD or on a tensor
+    subclass (FakeTensor, functorch wrappers); and not with ``FASTDDPM_FUSED_NORM=0``.
+    """
+    if os.environ.get("FASTDDPM_FUSED_NORM", "1") == "0":
+        return False
+    if type(h) is not torch.Tensor or (add is not None and type(add) is not torch.Tensor):
+        return False
+    if torch.is_grad_enabled() and (
+        h.requires_grad or (add is not None and add.requires_grad) or any(p.requires_grad for p in norm.parameters())
+    ):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if _get_current_dispatch_mode() is not None or _forward_ad_level() >= 0:
+        return False
+    return True
+
+
+def _forward_ad_level() -> int:
+    """The innermost active forward-mode AD level (``-1`` when none)."""
+    from torch.autograd import forward_ad
+
+    return int(getattr(forward_ad, "_current_level", -1))
+
+
 def _norm_act(norm: nn.GroupNorm, h: torch.Tensor, add: torch.Tensor | None = None, silu: bool = True) -> torch.Tensor:
     """``silu(group_norm(h + add[:, :, None, None]))`` (add and SiLU optional); every U-Net GroupNorm goes here.
 
@@ -359,36 +390,22 @@ def _norm_act(norm: nn.GroupNorm, h: torch.Tensor, add: torch.Tensor | None = No
     (PyTorch's CPU group_norm is slow on channels_last; on NCHW it is as fast as the fused kernel, so
     NCHW stays on PyTorch). Otherwise plain PyTorch.
     """
-    if (
-        h.is_cuda
-        and h.dtype in _FUSED_NORM_DTYPES
-        and not (
-            torch.is_grad_enabled()
-            and (h.requires_grad or norm.weight.requires_grad or (add is not None and add.requires_grad))
-        )
-        and not torch.compiler.is_compiling()
-        and os.environ.get("FASTDDPM_FUSED_NORM", "1") != "0"
-    ):
-        fused = _fused_group_norm_silu()
-        if fused:
-            return fused(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
-    elif (
-        h.device.type == "cpu"
-        and h.dtype == torch.float32
-        and h.dim() == 4
-        and not h.is_contiguous()
-        and h.is_contiguous(memory_format=torch.channels_last)
-        and not (
-            torch.is_grad_enabled()
-            and (h.requires_grad or norm.weight.requires_grad or (add is not None and add.requires_grad))
-        )
-        and not torch.compiler.is_compiling()
-        and os.environ.get("FASTDDPM_FUSED_NORM", "1") != "0"
-        and _cpu_fused_norm_available()
-    ):
-        from fastddpm.backends import cpu
+    if _fused_norm_allowed(norm, h, add):
+        if h.is_cuda and h.dtype in _FUSED_NORM_DTYPES:
+            fused = _fused_group_norm_silu()
+            if fused:
+                return fused(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
+        elif (
+            h.device.type == "cpu"
+            and h.dtype == torch.float32
+            and h.dim() == 4
+            and not h.is_contiguous()
+            and h.is_contiguous(memory_format=torch.channels_last)
+            and _cpu_fused_norm_available()
+        ):
+            from fastddpm.backends import cpu
 
-        return cpu.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
+            return cpu.group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, silu=silu)
     if add is not None:
         h = h + add[:, :, None, None]
     h = F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)

@@ -358,3 +358,11 @@ def test_one_tensor_timestep_for_the_whole_batch(backend, form):
         assert float(((o.double() - r).abs() / (1 + r.abs())).max()) < 2e-5
     ref_q = fastddpm.q_sample(x.double(), t, schedule, seed=9, backend="reference")
     assert _err(_host(fastddpm.q_sample(*_dev(x, t), schedule, seed=9, backend=backend)), ref_q) < 2e-5
+
+
+def test_ddim_with_int_t_still_requires_prev_t():
+    schedule = Schedule()
+    x, m = _inputs(schedule)
+    for backend in ("reference", *[b for b in FUSED if availability(b, "cpu")[0]]):
+        with pytest.raises(TypeError, match="prev_t"):
+            fastddpm.ddim_step(m, 500, x, schedule, prev_t=None, backend=backend)
