@@ -200,6 +200,11 @@ def _int_pair(
     return t, p
 
 
+def _full_pair(pair: tuple[int, int], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int ``(t, prev_t)`` already validated by :func:`_int_pair` as int64 ``[B]`` tensors (no device read)."""
+    return tuple(torch.full((batch,), v, dtype=torch.int64, device=device) for v in pair)
+
+
 @functools.lru_cache(maxsize=4096)
 def _cached_step_row(
     sampler: str, schedule: Schedule, t: int, prev_t: int, eta: float, clipped: bool, device: torch.device
@@ -354,29 +359,25 @@ def ddpm_step(
     pair = _int_pair("prev_t", t, prev_t, T)
     _check_noise(noise, sample)
     name = resolve_backend(backend, device, sample.dtype)
-    if pair is not None and name != "reference":  # int timesteps: one cached coefficient row
-        m, v = _split_model_output(model_output, sample, schedule, learned_needed=True)
-        coef, tval, rows = _cached_step_row("ddpm", schedule, *pair, 0.0, False, device)
-        mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
-        return _fused_update(sample, m, v, noise, coef, tval, schedule, _rng(seed, sample_offset, device), name,
-                             noise_mode=mode, rows=rows)  # fmt: skip
-    if pair is not None:  # validated in Python: no device read (no host sync per call)
-        tt = torch.full((b,), pair[0], dtype=torch.int64, device=device)
-        pt = torch.full((b,), pair[1], dtype=torch.int64, device=device)
-    else:
+    if pair is None:
         tt = _timesteps("t", t, b, device, 0, T)
         pt = tt - 1 if prev_t is None else _timesteps("prev_t", prev_t, b, device, -1, T)
         _prev_after(tt, pt)
+    elif name == "reference":
+        tt, pt = _full_pair(pair, b, device)
     if name == "reference":
         _split_model_output(model_output, sample, schedule, learned_needed=True)
         if noise is None and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         return reference.ddpm_step(model_output, tt, sample, schedule, pt, noise, seed, sample_offset)
     m, v = _split_model_output(model_output, sample, schedule, learned_needed=True)
-    coef = ddpm_coefficients(schedule, tt, pt, check=_validating())
+    if pair is not None:  # int timesteps: one cached coefficient row
+        coef, tval, rows = _cached_step_row("ddpm", schedule, *pair, 0.0, False, device)
+    else:
+        coef, tval, rows = ddpm_coefficients(schedule, tt, pt, check=_validating()), tt, None
     rng = _rng(seed, sample_offset, device)
     mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
-    return _fused_update(sample, m, v, noise, coef, tt, schedule, rng, name, noise_mode=mode)
+    return _fused_update(sample, m, v, noise, coef, tval, schedule, rng, name, noise_mode=mode, rows=rows)
 
 
 def ddim_step(
@@ -407,22 +408,12 @@ def ddim_step(
     pair = _int_pair("prev_t", t, prev_t, T, default_prev=False)
     _check_noise(noise, sample)
     name = resolve_backend(backend, device, sample.dtype)
-    if pair is not None and name != "reference":  # int timesteps: one cached coefficient row
-        m, _ = _split_model_output(model_output, sample, schedule, learned_needed=False)
-        coef, tval, rows = _cached_step_row("ddim", schedule, *pair, float(eta), bool(use_clipped_model_output), device)
-        if eta == 0:
-            mode, noise, rng = L.NOISE_NONE, None, _rng(0, 0, device)
-        else:
-            mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
-            rng = _rng(seed, sample_offset, device)
-        return _fused_update(sample, m, None, noise, coef, tval, schedule, rng, name, noise_mode=mode, rows=rows)
-    if pair is not None:  # validated in Python: no device read (no host sync per call)
-        tt = torch.full((b,), pair[0], dtype=torch.int64, device=device)
-        pt = torch.full((b,), pair[1], dtype=torch.int64, device=device)
-    else:
+    if pair is None:
         tt = _timesteps("t", t, b, device, 0, T)
         pt = _timesteps("prev_t", prev_t, b, device, -1, T)
         _prev_after(tt, pt)
+    elif name == "reference":
+        tt, pt = _full_pair(pair, b, device)
     if name == "reference":
         _split_model_output(model_output, sample, schedule, learned_needed=False)
         if noise is None and seed is None and eta > 0:
@@ -430,15 +421,19 @@ def ddim_step(
         return reference.ddim_step(model_output, tt, sample, schedule, pt, float(eta), use_clipped_model_output,
                                    noise, seed, sample_offset)  # fmt: skip
     m, _ = _split_model_output(model_output, sample, schedule, learned_needed=False)
-    coef = ddim_coefficients(
-        schedule, tt, pt, eta=float(eta), use_clipped_model_output=use_clipped_model_output, check=_validating()
-    )
+    if pair is not None:  # int timesteps: one cached coefficient row
+        coef, tval, rows = _cached_step_row("ddim", schedule, *pair, float(eta), bool(use_clipped_model_output), device)
+    else:
+        coef = ddim_coefficients(
+            schedule, tt, pt, eta=float(eta), use_clipped_model_output=use_clipped_model_output, check=_validating()
+        )
+        tval, rows = tt, None
     if eta == 0:  # deterministic: no noise is read or made
         mode, noise, rng = L.NOISE_NONE, None, _rng(0, 0, device)
     else:
         mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
         rng = _rng(seed, sample_offset, device)
-    return _fused_update(sample, m, None, noise, coef, tt, schedule, rng, name, noise_mode=mode)
+    return _fused_update(sample, m, None, noise, coef, tval, schedule, rng, name, noise_mode=mode, rows=rows)
 
 
 def q_sample(
