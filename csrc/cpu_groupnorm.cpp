@@ -159,21 +159,26 @@ at::Tensor group_norm_silu(const at::Tensor& x, const std::optional<at::Tensor>&
   const float* ap = opt_ptr(add);
   const int64_t G = num_groups;
 
-  std::vector<double> sum(B * C), sq(B * C);
+  // Per (sample, channel) sums of d = x - dshift = h - pivot, then per-channel (center, scale, beta).
+  std::vector<double> sum(B * C), sq(B * C), pivot(B * G), dshift(B * C);
   std::vector<float> center(B * C), scale(B * C), beta(B * C);
-  std::vector<double> pivot(B * G), dshift(B * C);
   const int64_t cpg = C / G;
+  // The pivot of group g is h at (b, g * cpg, position 0).
+  const int64_t first_stride = nhwc ? 1 : S;  // distance between channels at position 0
+  std::vector<float> first(G);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < G; ++g) first[g] = xp[b * C * S + g * cpg * first_stride];
+    channel_pivots(C, G, first.data(), ap ? ap + b * C : nullptr, pivot.data() + b * G, dshift.data() + b * C);
+  }
+
+  // Pass 1. NHWC: element (b, c, s) at ((b * S) + s) * C + c. The positions of each sample are cut into K
+  // slices (enough work items for every thread even at batch 1); each slice sums all channels of its
+  // positions into its own row of partial sums, added per sample afterwards. NCHW: element (b, c, s) at
+  // (b * C + c) * S + s, rows of S contiguous positions.
+  const int64_t per_slice = std::max<int64_t>(1, std::min<int64_t>(S, 4096 / std::max<int64_t>(C, 1)));
+  const int64_t K = (S + per_slice - 1) / per_slice;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
   if (nhwc) {
-    // Element (b, c, s) at ((b * S) + s) * C + c. The positions of each sample are cut into K slices
-    // (enough work items for every thread even at batch 1); each slice sums all channels of its
-    // positions into its own row of partial sums (double), which are then added per sample.
-    for (int64_t b = 0; b < B; ++b) {
-      std::vector<float> first(G);
-      for (int64_t g = 0; g < G; ++g) first[g] = xp[b * S * C + g * cpg];
-      channel_pivots(C, G, first.data(), ap ? ap + b * C : nullptr, pivot.data() + b * G, dshift.data() + b * C);
-    }
-    const int64_t per_slice = std::max<int64_t>(1, std::min<int64_t>(S, 4096 / std::max<int64_t>(C, 1)));
-    const int64_t K = (S + per_slice - 1) / per_slice;
     std::vector<double> psum(B * K * C), psq(B * K * C);
     at::parallel_for(0, B * K, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t item = lo; item < hi; ++item) {
@@ -194,22 +199,26 @@ at::Tensor group_norm_silu(const at::Tensor& x, const std::optional<at::Tensor>&
         }
       }
     });
-    for (int64_t b = 0; b < B; ++b) {
-      double* sb = sum.data() + b * C;
-      double* qb = sq.data() + b * C;
-      std::fill(sb, sb + C, 0.0);
-      std::fill(qb, qb + C, 0.0);
-      for (int64_t k = 0; k < K; ++k) {
-        const double* ps = psum.data() + (b * K + k) * C;
-        const double* pq = psq.data() + (b * K + k) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          sb[c] += ps[c];
-          qb[c] += pq[c];
-        }
+    for (int64_t item = 0; item < B * K; ++item) {
+      const int64_t b = item / K;
+      for (int64_t c = 0; c < C; ++c) {
+        sum[b * C + c] += psum[item * C + c];
+        sq[b * C + c] += psq[item * C + c];
       }
-      channel_affine(C, G, S, eps, sb, qb, pivot.data() + b * G, ap ? ap + b * C : nullptr, wp, bp,
-                     center.data() + b * C, scale.data() + b * C, beta.data() + b * C);
     }
+  } else {
+    at::parallel_for(0, B * C, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) row_sums(xp + r * S, S, dshift[r], sum[r], sq[r]);
+    });
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    channel_affine(C, G, S, eps, sum.data() + b * C, sq.data() + b * C, pivot.data() + b * G,
+                   ap ? ap + b * C : nullptr, wp, bp, center.data() + b * C, scale.data() + b * C,
+                   beta.data() + b * C);
+  }
+
+  // Pass 2.
+  if (nhwc) {
     at::parallel_for(0, B * K, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t item = lo; item < hi; ++item) {
         const int64_t b = item / K, k = item % K;
@@ -221,21 +230,6 @@ at::Tensor group_norm_silu(const at::Tensor& x, const std::optional<at::Tensor>&
       }
     });
   } else {
-    // Element (b, c, s) at (b * C + c) * S + s: rows of S contiguous positions.
-    std::vector<float> first(G);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t g = 0; g < G; ++g) first[g] = xp[(b * C + g * cpg) * S];
-      channel_pivots(C, G, first.data(), ap ? ap + b * C : nullptr, pivot.data() + b * G, dshift.data() + b * C);
-    }
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
-    at::parallel_for(0, B * C, grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) row_sums(xp + r * S, S, dshift[r], sum[r], sq[r]);
-    });
-    for (int64_t b = 0; b < B; ++b) {
-      channel_affine(C, G, S, eps, sum.data() + b * C, sq.data() + b * C, pivot.data() + b * G,
-                     ap ? ap + b * C : nullptr, wp, bp, center.data() + b * C, scale.data() + b * C,
-                     beta.data() + b * C);
-    }
     at::parallel_for(0, B * C, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) apply_row(xp + r * S, yp + r * S, S, {center[r], scale[r], beta[r]}, silu);
     });
