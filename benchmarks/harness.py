@@ -1252,15 +1252,17 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     def ok(r: dict[str, Any]) -> bool:  # a row whose images are not finite never counts
         return r["status"] == "ok" and bool(r.get("ms_per_step_median")) and r.get("output_finite") is not False
 
-    def pick(kind: str, model: str, batch: int | None = None, *, default_only: bool = True) -> dict | None:
-        cand = [r for r in rows if ok(r) and r["row"] == kind and r["model"] == model
-                and (batch is None or r["batch"] == batch) and (not default_only or r["name"] == kind)]  # fmt: skip
+    def fastest(kinds: Sequence[str], model: str, batch: int, *, default_only: bool = False) -> dict | None:
+        """The fastest ok row of these kinds for the case (``default_only``: the option-free row only)."""
+        cand = [r for r in rows if ok(r) and r["row"] in kinds and (r["model"], r["batch"]) == (model, batch)
+                and (not default_only or r["name"] == r["row"])]  # fmt: skip
         return min(cand, key=lambda r: r["ms_per_step_median"]) if cand else None
 
+    def pick(kind: str, model: str, batch: int) -> dict | None:
+        return fastest((kind,), model, batch, default_only=True)
+
     def best_f(batch: int) -> dict | None:
-        cand = [r for r in rows if ok(r) and r["row"] in ("F1", "F2", "F3") and r["model"] == TARGET_MODEL
-                and r["batch"] == batch]  # fmt: skip
-        return min(cand, key=lambda r: r["ms_per_step_median"]) if cand else None
+        return fastest(("F1", "F2", "F3"), TARGET_MODEL, batch)
 
     def entry(target: str, value: float | None, threshold: float, evidence: list, higher: bool = True) -> dict:
         if value is None:
@@ -1278,8 +1280,7 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out.append(entry("step kernel >= 80% of the copy bandwidth at >= 64 MB tensors",
                      None if k1 is None else k1.get("frac_of_copy_bw"), 0.8, [k1]))  # fmt: skip
     kd = None if k1 is None else pick("KD", "step-only", k1["batch"])
-    k1_fast = None if k1 is None else min((r for r in big if r["batch"] == k1["batch"]),
-                                          key=lambda r: r["ms_per_step_median"])  # fmt: skip
+    k1_fast = None if k1 is None else fastest(("K1",), "step-only", k1["batch"])
     out.append(entry("step kernel >= 5x less GPU time than diffusers' DDPMScheduler.step (same tensors)",
                      None if kd is None or k1_fast is None else kd["ms_per_step_median"] / k1_fast["ms_per_step_median"],
                      5.0, [k1_fast, kd]))  # fmt: skip
@@ -1292,11 +1293,8 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     mm = next((r for r in rows if ok(r) and r["row"] == "MM"), None)
     out.append(entry("batch 256: U-Net >= 40% of the measured bf16 matmul rate",
                      None if f256 is None else f256.get("frac_of_matmul"), 0.4, [f256, mm]))  # fmt: skip
-    fb = [r for r in rows if ok(r) and r["row"] in ("F1", "F2", "F3") and r["model"] == TARGET_MODEL]
-    fmax = None
-    if fb:
-        top = max(r["batch"] for r in fb)
-        fmax = best_f(top)
+    f_batches = [r["batch"] for r in rows if ok(r) and r["row"] in ("F1", "F2", "F3") and r["model"] == TARGET_MODEL]
+    fmax = best_f(max(f_batches)) if f_batches else None
     minutes = (
         None if fmax is None else math.ceil(TARGET_SAMPLES / fmax["batch"]) * 1000 * fmax["ms_per_step_median"] / 6e4
     )
