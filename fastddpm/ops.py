@@ -151,6 +151,14 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
         )
 
 
+_PREV_NOT_SMALLER = "prev_t must be smaller than t (use prev_t=-1 for the final step)"
+
+
+def _check_int_range(name: str, t: int, low: int, high: int) -> None:
+    if not low <= t < high:
+        raise ValueError(f"{name}={t} is out of range [{low}, {high})")
+
+
 def _timesteps(name: str, t: Timestep, batch: int, device: torch.device, low: int, high: int) -> torch.Tensor:
     """Validate ``t`` (an int, or an integer tensor of shape [] / [1] / [B]) -> int64 ``[B]`` on ``device``."""
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
@@ -158,8 +166,7 @@ def _timesteps(name: str, t: Timestep, batch: int, device: torch.device, low: in
             raise TypeError(f"{name} must be an int or an int64 tensor, got the float {t}")
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
     if isinstance(t, int):
-        if not low <= t < high:
-            raise ValueError(f"{name}={t} is out of range [{low}, {high})")
+        _check_int_range(name, t, low, high)
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
@@ -177,12 +184,10 @@ def _timesteps(name: str, t: Timestep, batch: int, device: torch.device, low: in
 
 def _prev_after(t: torch.Tensor, prev_t: torch.Tensor) -> None:
     if _validating() and bool(((prev_t >= t) & (prev_t >= 0)).any()):
-        raise ValueError("prev_t must be smaller than t (use prev_t=-1 for the final step)")
+        raise ValueError(_PREV_NOT_SMALLER)
 
 
-def _int_pair(
-    name_prev: str, t: Timestep, prev_t: Timestep | None, T: int, *, default_prev: bool = True
-) -> tuple[int, int] | None:
+def _int_pair(t: Timestep, prev_t: Timestep | None, T: int, *, default_prev: bool = True) -> tuple[int, int] | None:
     """``(t, prev_t)`` validated as Python ints when both came as ints (the diffusers-style call
     ``step(eps, 500, x)``), else None. ``prev_t=None`` means ``t - 1`` only where ``default_prev``
     (DDPM); otherwise the tensor path raises for it. Same errors as the tensor path."""
@@ -190,13 +195,11 @@ def _int_pair(
         return None
     if not ((prev_t is None and default_prev) or type(prev_t) is int):
         return None
-    if not 0 <= t < T:
-        raise ValueError(f"t={t} is out of range [0, {T})")
+    _check_int_range("t", t, 0, T)
     p = t - 1 if prev_t is None else prev_t
-    if not -1 <= p < T:
-        raise ValueError(f"{name_prev}={p} is out of range [-1, {T})")
+    _check_int_range("prev_t", p, -1, T)
     if p >= t and p >= 0:
-        raise ValueError("prev_t must be smaller than t (use prev_t=-1 for the final step)")
+        raise ValueError(_PREV_NOT_SMALLER)
     return t, p
 
 
@@ -356,7 +359,7 @@ def ddpm_step(
     _check_tensor("sample", sample)
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
-    pair = _int_pair("prev_t", t, prev_t, T)
+    pair = _int_pair(t, prev_t, T)
     _check_noise(noise, sample)
     name = resolve_backend(backend, device, sample.dtype)
     if pair is None:
@@ -405,7 +408,7 @@ def ddim_step(
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
-    pair = _int_pair("prev_t", t, prev_t, T, default_prev=False)
+    pair = _int_pair(t, prev_t, T, default_prev=False)
     _check_noise(noise, sample)
     name = resolve_backend(backend, device, sample.dtype)
     if pair is None:
