@@ -46,9 +46,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="sample eagerly on GPU")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the U-Net (backend: inductor unless named). Off by default: the first "
-                        "batch pays the compile (5-37 s for digits with inductor on the 2-core CPU, warm or cold "
-                        "cache) and on that CPU it ran no faster than the channels_last eager U-Net afterwards "
-                        "(50-53 vs 44-48 ms per step at batch 64); measure yours with `fastddpm bench`")  # fmt: skip
+                        "batch pays the compile (seconds to minutes on a small CPU); whether it is faster "
+                        "afterwards depends on the device: compare with `fastddpm bench` (rows B1, +compile)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_sample)
 
