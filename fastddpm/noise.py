@@ -14,8 +14,44 @@ import math
 import torch
 
 from . import _layout as L
+from ._checks import int_arg
 
 _MASK32 = 0xFFFFFFFF
+
+# --- the valid keys and sample indices (one rule for every op, sampler and the CLI) -------------
+SEED_LIMIT = 1 << 64
+"""Seeds are unsigned 64-bit keys: ints in ``[0, 2**64)``. Nothing wraps, so two different seeds
+never give the same noise (``-1`` is refused rather than read as ``2**64 - 1``)."""
+SAMPLE_INDEX_LIMIT = 1 << 56
+"""Global sample indices ``g = sample_offset + b`` must be ``< 2**56``: the counter holds
+``g & 0xffffffff`` in ``c1`` and ``g >> 32`` in the top 24 bits of ``c3`` (:mod:`fastddpm._layout`)."""
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as a Python int in ``[0, 2**64)`` (Python or numpy integer; not bool/float/tensor)."""
+    return int_arg("seed", seed, 0, SEED_LIMIT, allowed="an int in [0, 2**64)")
+
+
+def seed_word(seed: object) -> int:
+    """The validated ``seed`` as the signed int64 holding the same 64 bits.
+
+    This is what the device-resident ``rng = [seed, sample_offset]`` tensor stores (int64); every
+    kernel reads it back as the 64-bit key ``(k0, k1)``. Raises as :func:`check_seed`.
+    """
+    seed = check_seed(seed)
+    return seed - SEED_LIMIT if seed >= 1 << 63 else seed
+
+
+def check_sample_range(sample_offset: object, batch: int) -> int:
+    """``sample_offset`` as a Python int such that the batch's indices ``[sample_offset, sample_offset +
+    batch)`` lie in ``[0, 2**56)``; raises naming ``sample_offset`` otherwise."""
+    off = int_arg("sample_offset", sample_offset, 0, SAMPLE_INDEX_LIMIT, allowed="an int >= 0")
+    if off + batch > SAMPLE_INDEX_LIMIT:
+        raise ValueError(
+            f"sample_offset={off} with a batch of {batch} reaches sample index {off + batch - 1}; "
+            f"sample indices must be < 2**56 (sample_offset + batch <= 2**56)"
+        )
+    return off
 
 
 def _mul_hilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ the fused pass.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -17,8 +18,10 @@ import torch
 
 from . import _layout as L
 from . import reference
+from ._checks import int_arg
 from .coefficients import ddim_coefficients, ddpm_coefficients
 from .dispatch import backend_module, resolve_backend
+from .noise import check_sample_range, check_seed, seed_word
 from .schedule import LEARNED_VARIANCES, Schedule
 
 Timestep = int | torch.Tensor
@@ -125,10 +128,27 @@ def _(t, rng, b, n, stream, dtype, backend):
 
 # ----------------------------------------------------------------------------- validation
 def _validating() -> bool:
-    """Value checks read tensors on the host; skip them while tracing or capturing a CUDA graph."""
+    """Value checks read tensors on the host; skip them while torch.compile traces."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_not_capturing(op: str) -> None:
+    """Raise while the current CUDA stream is capturing a graph.
+
+    A public op is not capture-safe: it reads its checks and its seed on the host and builds its
+    ``rng`` and coefficient tensors with host-to-device copies, and a captured seed would replay the
+    same noise every time. ``fastddpm.sample`` has its own graph runner that keeps the seed, the
+    sample offset and the step counter in device memory.
+    """
     if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"fastddpm.{op} cannot run inside a CUDA graph capture (its seed and checks are read on the "
+            f"host, and a captured seed would replay the same noise); capture whole sampling runs with "
+            f"fastddpm.sample(..., cuda_graph='on'), whose graph runner keeps the seed and the step on the "
+            f"device, or call fastddpm.{op} outside the capture"
+        )
 
 
 def concrete_device(device: torch.device | str) -> torch.device:
@@ -154,17 +174,26 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
 _PREV_NOT_SMALLER = "prev_t must be smaller than t (use prev_t=-1 for the final step)"
 
 
+def _timestep_arg(name: str, t: object) -> int | torch.Tensor | None:
+    """``t`` as a Python int (Python or numpy integer) or the tensor itself; ``None`` passes (a
+    missing ``prev_t``). Bools and floats raise here, so the int and the tensor paths see the same
+    values and give the same errors."""
+    if t is None or isinstance(t, torch.Tensor):
+        return t
+    if isinstance(t, float):
+        raise TypeError(f"{name} must be an int or an integer tensor, got the float {t}")
+    return int_arg(name, t, allowed="an int or an integer tensor")
+
+
 def _check_int_range(name: str, t: int, low: int, high: int) -> None:
-    if not low <= t < high:
-        raise ValueError(f"{name}={t} is out of range [{low}, {high})")
+    int_arg(name, t, low, high)  # the one wording: "t=1000 is out of range [0, 1000)"
 
 
 def _timesteps(name: str, t: Timestep, batch: int, device: torch.device, low: int, high: int) -> torch.Tensor:
     """Validate ``t`` (an int, or an integer tensor of shape [] / [1] / [B]) -> int64 ``[B]`` on ``device``."""
-    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
-        if isinstance(t, float):
-            raise TypeError(f"{name} must be an int or an int64 tensor, got the float {t}")
-        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
+    t = _timestep_arg(name, t)
+    if t is None:
+        raise TypeError(f"{name} must be an int or an integer tensor, got None")
     if isinstance(t, int):
         _check_int_range(name, t, low, high)
         return torch.full((batch,), t, dtype=torch.int64, device=device)
@@ -189,7 +218,8 @@ def _prev_after(t: torch.Tensor, prev_t: torch.Tensor) -> None:
 
 def _int_pair(t: Timestep, prev_t: Timestep | None, T: int, *, default_prev: bool = True) -> tuple[int, int] | None:
     """``(t, prev_t)`` validated as Python ints when both came as ints (the diffusers-style call
-    ``step(eps, 500, x)``), else None. ``prev_t=None`` means ``t - 1`` only where ``default_prev``
+    ``step(eps, 500, x)``), else None. Takes the values :func:`_timestep_arg` returns (numpy
+    integers already made ints). ``prev_t=None`` means ``t - 1`` only where ``default_prev``
     (DDPM); otherwise the tensor path raises for it. Same errors as the tensor path."""
     if type(t) is not int or not _validating():
         return None
@@ -235,16 +265,35 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def _rng(seed: int | None, sample_offset: int, device: torch.device) -> torch.Tensor:
-    if seed is None:  # follow torch.manual_seed, like torch.randn would
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-        raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
-    seed &= (1 << 64) - 1
-    signed = seed - (1 << 64) if seed >= (1 << 63) else seed
-    return torch.tensor([signed, sample_offset], dtype=torch.int64, device=device)
+def _key(seed: int | None, makes_noise: bool) -> int:
+    """The generator key of one op call (``seed`` already checked by :func:`check_seed`).
+
+    The one rule for ``seed=None``, the same on every backend: a seed is drawn from torch's global
+    CPU generator (``torch.randint``, so ``torch.manual_seed`` makes it repeatable) only when the
+    call makes noise in the kernel (``makes_noise``, decided by each op from host-known facts, see
+    :func:`ddpm_step`). Otherwise the global generator is left untouched and the key is 0 (unused).
+    """
+    if seed is not None:
+        return seed
+    if makes_noise:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return 0
+
+
+def _rng(seed: int, sample_offset: int, device: torch.device) -> torch.Tensor:
+    """The device-resident ``rng = [seed, sample_offset]`` int64 ``[2]`` every kernel reads."""
+    return torch.tensor([seed_word(seed), sample_offset], dtype=torch.int64, device=device)
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record this call: the fused custom ops have no backward, so such a call
+    runs the (differentiable) reference math instead."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """The result of an op on an empty batch (or empty samples): no backend is called."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _check_noise(noise: torch.Tensor | None, sample: torch.Tensor) -> None:
@@ -327,6 +376,21 @@ def _fused_update(
 
 
 # ----------------------------------------------------------------------------- public ops
+_COMMON_DOC = """
+    Seeds, grad and CUDA graphs (every op, every backend):
+        * ``seed`` is an int in ``[0, 2**64)`` (Python or numpy integer); ``sample_offset`` an int
+          ``>= 0`` with ``sample_offset + B <= 2**56``. Anything else raises, naming the argument.
+        * ``seed=None`` draws ONE seed from torch's global CPU generator, and only when the call makes
+          noise in the kernel; a call that makes none leaves ``torch.get_rng_state()`` untouched.
+        * With grad enabled and an input that requires grad, the op runs the differentiable reference
+          math whatever ``backend`` says (the fused kernels have no backward).
+        * An empty batch (``B = 0``) returns an empty result of the right shape and dtype.
+        * Calling an op while the current CUDA stream is capturing a graph raises ``RuntimeError``:
+          the op reads its seed and checks on the host, so capture ``fastddpm.sample(...,
+          cuda_graph='on')`` instead (its graph runner keeps seed and step in device memory).
+"""
+
+
 def ddpm_step(
     model_output: torch.Tensor,
     t: Timestep,
@@ -343,25 +407,37 @@ def ddpm_step(
 
     Args:
         model_output: ``[B, C, ...]`` (``[B, 2C, ...]`` for learned variances), float32/16/bf16/64.
-        t: current timestep, an int or an integer tensor ``[B]`` (one per sample).
+        t: current timestep, an int (Python or numpy) or an integer tensor ``[]``/``[1]``/``[B]``.
         sample: ``x_t``, ``[B, C, ...]``, same dtype and device as ``model_output``.
         schedule: the :class:`Schedule`.
         prev_t: timestep after the step (``None``: ``t - 1``; ``-1``: the final step).
         noise: optional ``[B, C, ...]`` standard normal noise; ``None`` draws it from the counter-based
             generator keyed by ``(seed, sample_offset + b, t, element)``.
-        seed: generator key (``None``: drawn from torch's global generator).
+        seed: generator key in ``[0, 2**64)`` (``None``: drawn from torch's global generator when
+            noise is made, see below).
         sample_offset: global index of sample 0 of the batch.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     Returns:
         ``(prev_sample, pred_original_sample)``, both shaped and typed like ``sample``. Noise is added
         only where ``t > 0`` (diffusers' rule).
+
+    Noise is made in the kernel when ``noise`` is None, the sample is not empty and ``t`` is not the
+    int 0. A tensor ``t`` counts as making noise even if all its values are 0 (deciding would need a
+    device read); pass ``seed=`` or an int ``t`` to keep the global generator untouched there.
     """
+    _check_not_capturing("ddpm_step")
     _check_tensor("sample", sample)
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
+    t, prev_t = _timestep_arg("t", t), _timestep_arg("prev_t", prev_t)
+    seed = None if seed is None else check_seed(seed)
+    sample_offset = check_sample_range(sample_offset, b)
     pair = _int_pair(t, prev_t, T)
     _check_noise(noise, sample)
+    makes_noise = noise is None and sample.numel() > 0 and not (isinstance(t, int) and t == 0)
     name = resolve_backend(backend, device, sample.dtype)
+    if _wants_grad(model_output, sample, noise):
+        name = "reference"
     if pair is None:
         tt = _timesteps("t", t, b, device, 0, T)
         pt = tt - 1 if prev_t is None else _timesteps("prev_t", prev_t, b, device, -1, T)
@@ -370,16 +446,20 @@ def ddpm_step(
         tt, pt = _full_pair(pair, b, device)
     if name == "reference":
         _split_model_output(model_output, sample, schedule, learned_needed=True)
-        if noise is None and seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = _key(seed, makes_noise)
         return reference.ddpm_step(model_output, tt, sample, schedule, pt, noise, seed, sample_offset)
     m, v = _split_model_output(model_output, sample, schedule, learned_needed=True)
+    if sample.numel() == 0:
+        return _empty_like(sample), _empty_like(sample)
     if pair is not None:  # int timesteps: one cached coefficient row
         coef, tval, rows = _cached_step_row("ddpm", schedule, *pair, 0.0, False, device)
     else:
         coef, tval, rows = ddpm_coefficients(schedule, tt, pt, check=_validating()), tt, None
-    rng = _rng(seed, sample_offset, device)
-    mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
+    rng = _rng(_key(seed, makes_noise), sample_offset, device)
+    if noise is not None:
+        mode = L.NOISE_TENSOR
+    else:  # an int t == 0 has gate 0: nothing to add, so nothing is made
+        mode = L.NOISE_PHILOX if makes_noise else L.NOISE_NONE
     return _fused_update(sample, m, v, noise, coef, tval, schedule, rng, name, noise_mode=mode, rows=rows)
 
 
@@ -402,15 +482,23 @@ def ddim_step(
     Arguments as :func:`ddpm_step`; ``prev_t`` is required (``-1``: the final step, where
     ``abar_prev`` is 1, or abar_0 when ``schedule.set_alpha_to_one`` is False), ``eta`` scales the
     noise (0: deterministic DDIM, 1: DDPM-like). A learned-variance half of the output is ignored.
+    Noise is made in the kernel when ``eta > 0``, ``noise`` is None and the sample is not empty.
     """
+    _check_not_capturing("ddim_step")
     _check_tensor("sample", sample)
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
+    t, prev_t = _timestep_arg("t", t), _timestep_arg("prev_t", prev_t)
+    seed = None if seed is None else check_seed(seed)
+    sample_offset = check_sample_range(sample_offset, b)
     pair = _int_pair(t, prev_t, T, default_prev=False)
     _check_noise(noise, sample)
+    makes_noise = eta > 0 and noise is None and sample.numel() > 0
     name = resolve_backend(backend, device, sample.dtype)
+    if _wants_grad(model_output, sample, noise if eta > 0 else None):
+        name = "reference"
     if pair is None:
         tt = _timesteps("t", t, b, device, 0, T)
         pt = _timesteps("prev_t", prev_t, b, device, -1, T)
@@ -419,11 +507,12 @@ def ddim_step(
         tt, pt = _full_pair(pair, b, device)
     if name == "reference":
         _split_model_output(model_output, sample, schedule, learned_needed=False)
-        if noise is None and seed is None and eta > 0:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = _key(seed, makes_noise)
         return reference.ddim_step(model_output, tt, sample, schedule, pt, float(eta), use_clipped_model_output,
                                    noise, seed, sample_offset)  # fmt: skip
     m, _ = _split_model_output(model_output, sample, schedule, learned_needed=False)
+    if sample.numel() == 0:
+        return _empty_like(sample), _empty_like(sample)
     if pair is not None:  # int timesteps: one cached coefficient row
         coef, tval, rows = _cached_step_row("ddim", schedule, *pair, float(eta), bool(use_clipped_model_output), device)
     else:
@@ -432,10 +521,10 @@ def ddim_step(
         )
         tval, rows = tt, None
     if eta == 0:  # deterministic: no noise is read or made
-        mode, noise, rng = L.NOISE_NONE, None, _rng(0, 0, device)
+        mode, noise = L.NOISE_NONE, None
     else:
         mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
-        rng = _rng(seed, sample_offset, device)
+    rng = _rng(_key(seed, makes_noise), sample_offset, device)
     return _fused_update(sample, m, None, noise, coef, tval, schedule, rng, name, noise_mode=mode, rows=rows)
 
 
@@ -453,22 +542,28 @@ def q_sample(
 
     Args:
         x0: clean data ``[B, ...]``.
-        t: int or integer tensor ``[B]``.
+        t: int (Python or numpy) or integer tensor ``[]``/``[1]``/``[B]``.
         noise: optional ``[B, ...]``; ``None`` makes it in the kernel (stream ``STREAM_QSAMPLE``).
+        seed, sample_offset, backend: as :func:`ddpm_step`.
     Returns:
-        ``x_t`` shaped and typed like ``x0``. Differentiable with respect to ``x0`` only on the
-        reference backend; for training, the noise target comes from :func:`randn` with the same key.
+        ``x_t`` shaped and typed like ``x0``. Differentiable with respect to ``x0`` (and ``noise``):
+        such calls run the reference math; for training, the noise target comes from :func:`randn`
+        with the same key. Noise is made in the kernel when ``noise`` is None and ``x0`` is not empty.
     """
+    _check_not_capturing("q_sample")
     _check_tensor("x0", x0)
     b, device = x0.shape[0], x0.device
+    seed = None if seed is None else check_seed(seed)
+    sample_offset = check_sample_range(sample_offset, b)
     tt = _timesteps("t", t, b, device, 0, schedule.num_train_timesteps)
     _check_noise(noise, x0)
+    makes_noise = noise is None and x0.numel() > 0
     name = resolve_backend(backend, device, x0.dtype)
-    if name == "reference" or x0.requires_grad:
-        if noise is None and seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        return reference.q_sample(x0, tt, schedule, noise, seed, sample_offset)
-    rng = _rng(seed, sample_offset, device)
+    if name == "reference" or _wants_grad(x0, noise):
+        return reference.q_sample(x0, tt, schedule, noise, _key(seed, makes_noise), sample_offset)
+    if x0.numel() == 0:
+        return _empty_like(x0)
+    rng = _rng(_key(seed, makes_noise), sample_offset, device)
     n2 = _as_rows(noise.to(x0.dtype)) if noise is not None else None
     table = schedule.table("q_sample", device)
     mode = L.NOISE_TENSOR if noise is not None else L.NOISE_PHILOX
@@ -478,7 +573,7 @@ def q_sample(
 def randn(
     shape: Sequence[int],
     *,
-    seed: int,
+    seed: int | None,
     sample_offset: int = 0,
     t: Timestep = 0,
     stream: int = L.STREAM_INIT,
@@ -491,18 +586,32 @@ def randn(
     Element ``e`` of sample ``b`` is a pure function of ``(seed, sample_offset + b, t[b], e, stream)``
     (:mod:`fastddpm._layout`), identical on every backend. ``stream`` picks the use:
     ``STREAM_INIT`` (x_T), ``STREAM_STEP`` (the reverse-step noise), ``STREAM_QSAMPLE`` (training noise).
+    ``t`` is an int or integer tensor in ``[0, 2**31)``. ``seed`` is required; ``None`` draws one
+    from the global generator (when the tensor is not empty), as for the other ops.
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or any(s < 0 for s in shape):
-        raise ValueError(f"bad shape {shape}")
-    if stream not in (L.STREAM_STEP, L.STREAM_QSAMPLE, L.STREAM_INIT):
-        raise ValueError(f"unknown stream {stream}; allowed: STREAM_STEP=0, STREAM_QSAMPLE=1, STREAM_INIT=2")
+    _check_not_capturing("randn")
+    if isinstance(shape, (int, str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints [B, ...], got {type(shape).__name__}")
+    shape = tuple(int_arg("shape", s, 0, allowed="a sequence of ints >= 0") for s in shape)
+    if len(shape) < 1:
+        raise ValueError("shape must have a batch dimension [B, ...], got ()")
+    if isinstance(stream, bool) or stream not in (L.STREAM_STEP, L.STREAM_QSAMPLE, L.STREAM_INIT):
+        raise ValueError(f"unknown stream {stream!r}; allowed: STREAM_STEP=0, STREAM_QSAMPLE=1, STREAM_INIT=2")
     device = concrete_device(device if device is not None else "cpu")
     b = shape[0]
     n = math.prod(shape[1:])
+    seed = None if seed is None else check_seed(seed)
+    sample_offset = check_sample_range(sample_offset, b)
     tt = _timesteps("t", t, b, device, 0, 2**31)
     name = resolve_backend(backend, device, dtype)
+    makes_noise = b * n > 0
     if name == "reference":
-        return reference.step_noise(torch.Size(shape), tt, seed, sample_offset, stream, dtype)
-    rng = _rng(seed, sample_offset, device)
+        return reference.step_noise(torch.Size(shape), tt, _key(seed, makes_noise), sample_offset, stream, dtype)
+    if not makes_noise:
+        return torch.empty(shape, dtype=dtype, device=device)
+    rng = _rng(_key(seed, makes_noise), sample_offset, device)
     return _fused_randn(tt, rng, b, n, stream, dtype, name).reshape(shape)
+
+
+for _op in (ddpm_step, ddim_step, q_sample, randn):
+    _op.__doc__ = inspect.cleandoc(_op.__doc__) + "\n\n" + inspect.cleandoc(_COMMON_DOC)

@@ -207,8 +207,9 @@ class Trajectory:
         self.x.copy_(x_init)
         self.step.zero_()
         self.first_bad.fill_(self.plan.num_steps)
-        signed = seed - (1 << 64) if seed >= (1 << 63) else seed
-        self.rng.copy_(torch.tensor([signed, sample_offset], dtype=torch.int64))
+        from .noise import seed_word  # the one seed rule: [0, 2**64) as an int64 bit pattern
+
+        self.rng.copy_(torch.tensor([seed_word(seed), sample_offset], dtype=torch.int64))
 
     def check_finite(self) -> None:
         bad = int(self.first_bad.item())

@@ -10,6 +10,7 @@ and the fused backends read the same terms packed into a float32 table by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,6 +19,8 @@ from functools import cached_property
 from typing import Any, Literal, NamedTuple
 
 import torch
+
+from ._checks import bool_arg, int_arg, real_arg
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
@@ -32,8 +35,17 @@ LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+
+
+def _betas_tuple(betas: Any) -> tuple[float, ...]:
+    """``trained_betas`` (a sequence, numpy array or 1-D tensor of numbers) as a tuple of finite floats."""
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__iter__"):
+        raise TypeError(f"trained_betas must be a sequence of numbers, got {type(betas).__name__}")
+    if hasattr(betas, "tolist"):  # numpy array or tensor -> Python numbers
+        betas = betas.tolist()
+    return tuple(real_arg(f"trained_betas[{i}]", b) for i, b in enumerate(betas))
 
 
 class StepTerms(NamedTuple):
@@ -80,22 +92,31 @@ class Schedule:
     set_alpha_to_one: bool = True
 
     def __post_init__(self) -> None:
-        if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
-            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
+        set_ = functools.partial(object.__setattr__, self)  # frozen: normalised values are stored this way
+        # The largest timestep a kernel keys noise by is T itself (x_T, STREAM_INIT), and t must be < 2**31.
+        set_("num_train_timesteps", int_arg("num_train_timesteps", self.num_train_timesteps, 1, 2**31))
+        for name in ("beta_start", "beta_end", "clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value"):
+            set_(name, real_arg(name, getattr(self, name)))
+        for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one"):
+            bool_arg(name, getattr(self, name))
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
-        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
-            raise ValueError(
-                f"trained_betas has {len(self.trained_betas)} values but num_train_timesteps is {self.num_train_timesteps}"
-            )
+        T = self.num_train_timesteps
+        set_("steps_offset", int_arg("steps_offset", self.steps_offset, 0, T))
+        if self.trained_betas is not None:
+            set_("trained_betas", _betas_tuple(self.trained_betas))
+            if len(self.trained_betas) != T:
+                raise ValueError(f"trained_betas has {len(self.trained_betas)} values but num_train_timesteps is {T}")
+        if self.beta_start < 0 or self.beta_end < 0:
+            raise ValueError(f"beta_start and beta_end must be >= 0, got {self.beta_start} and {self.beta_end}")
         if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
-        if self.clip_sample_range <= 0 or self.sample_max_value < 1.0:
-            raise ValueError("clip_sample_range must be > 0 and sample_max_value >= 1")
+        if self.clip_sample_range <= 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
+        if self.sample_max_value < 1.0:
+            raise ValueError(f"sample_max_value must be >= 1, got {self.sample_max_value}")
         betas = self.betas  # computed once here (cached), so traced code never runs the computation
         if not bool(torch.isfinite(betas).all()) or bool((betas < 0).any()) or bool((betas > 1).any()):
             raise ValueError("betas must be finite and in [0, 1]")
@@ -135,10 +156,8 @@ class Schedule:
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in fields}
-        if kwargs.get("trained_betas") is not None:
-            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
-        for key in ("num_train_timesteps", "steps_offset"):
-            if key in kwargs:
+        for key in ("num_train_timesteps", "steps_offset"):  # JSON may write 1000 as 1000.0
+            if isinstance(kwargs.get(key), float) and kwargs[key].is_integer():
                 kwargs[key] = int(kwargs[key])
         return cls(**kwargs)
 
