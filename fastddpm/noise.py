@@ -110,7 +110,8 @@ def philox_normal(
     """Standard normal noise ``[B, numel]`` from the counter layout of :mod:`fastddpm._layout`.
 
     Args:
-        seed: the generator key (any int; taken modulo 2**64).
+        seed: the 64-bit key: a seed in ``[0, 2**64)`` or its signed int64 word (:func:`seed_word`),
+            taken modulo 2**64. Callers validate user seeds with :func:`check_seed` first.
         sample_index: int64 ``[B]``, global sample indices ``g`` (``sample_offset + b``).
         t: int64 ``[B]`` (or broadcastable), timestep value of each row.
         numel: elements per sample ``N``.
@@ -157,6 +158,8 @@ def randn(
     shape = tuple(shape)
     b = shape[0]
     numel = math.prod(shape[1:])
+    seed = check_seed(seed)
+    sample_offset = check_sample_range(sample_offset, b)
     g = torch.arange(sample_offset, sample_offset + b, dtype=torch.int64, device=device)
     z = philox_normal(seed, g, torch.as_tensor(t, device=device), numel, stream)
     return z.reshape(shape).to(dtype)

@@ -280,9 +280,9 @@ class Schedule:
         if not isinstance(spacing, str):
             raise TypeError(f"spacing must be a string, got {type(spacing).__name__}")
         if spacing in SPACINGS:
-            n = T if num_inference_steps is None else int(num_inference_steps)
+            n = T if num_inference_steps is None else int_arg("num_inference_steps", num_inference_steps)
             if not 1 <= n <= T:
-                raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
+                raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
             if num_inference_steps is None:
                 ts = torch.arange(T - 1, -1, -1, dtype=torch.int64)
             elif spacing == "linspace":

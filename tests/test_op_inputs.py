@@ -484,3 +484,16 @@ def test_schedule_from_diffusers_keeps_the_checks():
         Schedule.from_diffusers({"clip_sample": "false"})
     with pytest.raises(TypeError, match="num_train_timesteps must be an int"):
         Schedule.from_diffusers({"num_train_timesteps": 100.5})
+
+
+def test_schedule_timesteps_takes_whole_step_counts():
+    s = Schedule(num_train_timesteps=100)
+    assert torch.equal(s.timesteps(np.int64(10), "trailing"), s.timesteps(10, "trailing"))
+    for bad, exc, match in [
+        (True, TypeError, "num_inference_steps must be an int, got True"),
+        (10.5, TypeError, r"num_inference_steps must be an int, got 10.5 \(float\)"),
+        (0, ValueError, r"num_inference_steps must be in \[1, 100\], got 0"),
+        (101, ValueError, r"num_inference_steps must be in \[1, 100\], got 101"),
+    ]:
+        with pytest.raises(exc, match=match):
+            s.timesteps(bad, "leading")
