@@ -18,7 +18,7 @@ import torch
 
 from . import _layout as L
 from . import reference
-from ._checks import int_arg
+from ._checks import int_arg, real_arg
 from .coefficients import ddim_coefficients, ddpm_coefficients
 from .dispatch import backend_module, resolve_backend
 from .noise import check_sample_range, check_seed, seed_word
@@ -486,8 +486,9 @@ def ddim_step(
     """
     _check_not_capturing("ddim_step")
     _check_tensor("sample", sample)
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    eta = real_arg("eta", eta)  # finite; Python or numpy number
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
     b, device = sample.shape[0], sample.device
     T = schedule.num_train_timesteps
     t, prev_t = _timestep_arg("t", t), _timestep_arg("prev_t", prev_t)

@@ -329,6 +329,29 @@ def test_bad_randn_arguments(call, exc, match):
         call()
 
 
+@pytest.mark.parametrize(
+    "eta,exc,match",
+    [
+        (-0.5, ValueError, "eta must be >= 0, got -0.5"),
+        (math.nan, ValueError, "eta must be finite, got nan"),
+        (math.inf, ValueError, "eta must be finite, got inf"),
+        ("1", TypeError, r"eta must be a real number, got '1' \(str\)"),
+        (True, TypeError, "eta must be a real number, got True"),
+    ],
+)
+def test_bad_eta(eta, exc, match):
+    x, m = _xm()
+    with pytest.raises(exc, match=match):
+        fastddpm.ddim_step(m, 9, x, Schedule(), prev_t=4, eta=eta, seed=0)
+
+
+def test_numpy_eta_equals_float(backend):
+    x, m = _xm()
+    s = Schedule()
+    a = fastddpm.ddim_step(m, 9, x, s, prev_t=4, eta=np.float32(0.5), seed=0, backend=backend)[0]
+    assert torch.equal(a, fastddpm.ddim_step(m, 9, x, s, prev_t=4, eta=0.5, seed=0, backend=backend)[0])
+
+
 def test_numpy_shape_is_accepted():
     a = fastddpm.randn(np.array([2, 3]), seed=4, backend="reference")
     assert a.shape == (2, 3) and torch.equal(a, fastddpm.randn((2, 3), seed=4, backend="reference"))
