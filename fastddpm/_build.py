@@ -188,17 +188,135 @@ def _build_error_reason(exc: BaseException) -> str:
     return reason if len(reason) <= 600 else reason[:597] + "..."
 
 
-def _compile(name: str, sources: tuple[str, ...], **kwargs) -> ModuleType:
+def _build_directory(name: str) -> Path:
+    """torch's build folder for extension ``name`` (``TORCH_EXTENSIONS_DIR`` or its default cache), created."""
     from torch.utils import cpp_extension
 
-    root = csrc_dir()
-    return cpp_extension.load(
-        name=name,
-        sources=[str(root / s) for s in sources],
-        extra_include_paths=[str(root)],
-        verbose=_verbose(),
-        **kwargs,
-    )
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+def _library_path(build_dir: Path, name: str) -> Path:
+    return build_dir / (name + (".pyd" if sys.platform == "win32" else ".so"))
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _import_library(path: Path, name: str) -> ModuleType:
+    """Import a built extension module from its file (what ``cpp_extension.load`` does last)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the extension {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _built(build_dir: Path, name: str) -> Path | None:
+    """The extension file if a build finished for it: the ``fastddpm_built`` marker, written after a
+    successful build, holds the file's sha256, so a link killed half-way is never loaded."""
+    lib, marker = _library_path(build_dir, name), build_dir / _BUILT_MARKER
+    try:
+        if lib.is_file() and marker.read_text().strip() == _file_digest(lib):
+            return lib
+    except OSError:
+        return None
+    return None
+
+
+_BUILT_MARKER = "fastddpm_built"
+_BUILD_LOCK = "fastddpm_build.lock"
+_WAIT_MESSAGE_EVERY_S = 20.0
+
+
+class _BuildLock:
+    """An exclusive ``flock`` on ``<build dir>/fastddpm_build.lock`` around a build.
+
+    The kernel releases a ``flock`` when its holder dies, however it dies, so a killed build never
+    blocks later runs (torch's own ``lock`` file does: it stays behind and every later
+    ``cpp_extension.load`` waits on it forever). While another live process builds, the waiter says
+    so on stderr, naming that process and the lock file, every ``_WAIT_MESSAGE_EVERY_S`` seconds.
+    On platforms without ``fcntl`` this lock is a no-op.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> _BuildLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; torch's own lock file is all there is
+            return self
+        import time
+
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        next_message = 0.0
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= next_message:
+                    holder = self.path.read_text(errors="replace").strip() or "another process"
+                    print(
+                        f"fastddpm: waiting for the C++ extension build of {holder} to finish (lock {self.path})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    next_message = now + _WAIT_MESSAGE_EVERY_S
+                time.sleep(0.2)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"process {os.getpid()} on {platform.node()}".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def _compile(name: str, sources: tuple[str, ...], **kwargs) -> ModuleType:
+    """Load extension ``name``, building it first unless a finished build of it is cached.
+
+    A finished build (see :func:`_built`) is imported directly, without ``cpp_extension.load`` and so
+    without torch's build lock. Otherwise the build runs under :class:`_BuildLock`; holding it, any
+    torch ``lock`` file left in the build folder is stale (its builder was killed: every fastddpm
+    builder holds the flock) and is removed before ``cpp_extension.load`` would wait on it forever.
+    """
+    from torch.utils import cpp_extension
+
+    build_dir = _build_directory(name)
+    lib = _built(build_dir, name)
+    if lib is not None:
+        return _import_library(lib, name)
+    with _BuildLock(build_dir / _BUILD_LOCK):
+        lib = _built(build_dir, name)  # another process may have finished it while we waited
+        if lib is not None:
+            return _import_library(lib, name)
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"fastddpm: removing the stale build lock {stale} left by a killed build", file=sys.stderr)
+            stale.unlink(missing_ok=True)
+        root = csrc_dir()
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(root / s) for s in sources],
+            extra_include_paths=[str(root)],
+            build_directory=str(build_dir),
+            verbose=_verbose(),
+            **kwargs,
+        )
+        lib = _library_path(build_dir, name)
+        if lib.is_file():
+            tmp = build_dir / (_BUILT_MARKER + f".{os.getpid()}.tmp")
+            tmp.write_text(_file_digest(lib))
+            os.replace(tmp, build_dir / _BUILT_MARKER)
+        return module
 
 
 def _check_toolchain() -> None:

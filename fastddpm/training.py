@@ -179,6 +179,24 @@ def _preset_or_dir(name: str) -> UNet | UNetConfig:
     )
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log records of steps after ``step`` (the checkpoint a resume starts from): a run killed
+    after its last checkpoint logged steps that the resumed run trains again, and logs once more."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _image_size(cfg: UNetConfig) -> int | None:
     s = cfg.sample_size
     if isinstance(s, tuple):
@@ -367,7 +385,12 @@ def train(
             built: UNet | UNetConfig = UNetConfig.from_dict(state["unet_config"])
         else:
             built = _preset_or_dir(model)
-        model = built if isinstance(built, UNet) else UNet(built)
+        if isinstance(built, UNet):
+            model = built
+        else:  # a preset: the initial weights are a function of ``seed`` (the global generator is left as it was)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_derive_seed(seed, "init"))
+                model = UNet(built)
     if not isinstance(model, UNet):
         raise TypeError(f"model must be a fastddpm.UNet or a preset name, got {type(model).__name__}")
     cfg = model.config
@@ -472,6 +495,8 @@ def train(
     log_file = None
     if out_path is not None and rank == 0:
         out_path.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_log(out_path / LOG_NAME, start)
         log_file = open(out_path / LOG_NAME, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
 
     losses: list[float] = []
