@@ -4,16 +4,21 @@ Usage, from the repository root of a checkout on a CUDA machine (torch + triton 
 repo need not be pip-installed, diffusers may be absent)::
 
     python benchmarks/gpu_check.py [OUT_DIR] [--budget 480]
+    python benchmarks/gpu_check.py --dry-run OUT_DIR    # rehearsal on CPU (what CI runs)
 
 Sections, in order, each in its own process with a hard time limit (a section over its limit is
 killed and recorded as ``timeout``; a section that no longer fits the total budget is ``skipped``)::
 
     env      versions, GPU name, whether CUDA works
-    build    the CUDA extension (fastddpm._build.load_cuda_extension), for the present GPU only
-    pytest   pytest tests -k PYTEST_K with FASTDDPM_TEST_DEVICE=cuda: the device-aware tests run the
-             cuda and triton (compiled) backends on CUDA tensors against the float64 reference
-    checks   triton vs cuda noise identity (and vs the plain-torch Philox spec), fused step identity,
-             CUDA-graph vs eager image equality, torch.library.opcheck of the custom ops on CUDA
+    build    the CUDA extension (fastddpm._build.load_cuda_extension), for the present GPU only, and
+             the CPU extension next to it, so no test module or later section compiles
+    pytest   pytest tests -k PYTEST_K with FASTDDPM_TEST_DEVICE=cuda and TRITON_INTERPRET removed: the
+             device-aware tests run the cuda and triton (compiled) backends and the fused GroupNorm on
+             CUDA tensors against the float64 reference
+    checks   (gpu_checks.py) bitwise identity of randn/q_sample/ddpm_step/ddim_step across triton,
+             cuda and cpu (on a CPU copy), triton vs cuda noise vs the plain-torch Philox spec, fused
+             step vs the reference, CUDA-graph vs eager image equality (also on cuda:1 while cuda:0 is
+             current, with two GPUs), torch.library.opcheck of the custom ops on CUDA
     bench    the benchmark matrix of benchmarks/harness.py (it stops starting rows at its budget)
 
 Everything lands in OUT_DIR (default ``$OUT``, else ``gpu_results/``), at most 8 files::
@@ -24,6 +29,10 @@ Everything lands in OUT_DIR (default ``$OUT``, else ``gpu_results/``), at most 8
     bench.json, bench.csv, bench.png   the benchmark (formats in benchmarks/README.md)
 
 The exit status is 0 when no section failed (skipped sections do not count as failures).
+
+``--dry-run``: every section runs on CPU with the GPU-only steps skipped and their budgets printed,
+and the heavy CPU parts left out too (no extension build, pytest ``--collect-only``, one quick bench
+row), so the script's plumbing is exercised in CI (tests/test_gpu_check_dry_run.py).
 """
 
 from __future__ import annotations
