@@ -30,6 +30,7 @@ class FakeCuda:
         self.capturing: FakeGraph | None = None
         self.pools: list[object] = []
         self.events: list[FakeEvent] = []
+        self.default_streams: dict[str, FakeStream] = {}
 
     @property
     def current_device(self) -> torch.device:
@@ -119,20 +120,19 @@ class FakeCuda:
 
 
 class FakeStream:
-    _defaults: dict = {}
-
     def __init__(self, cuda: FakeCuda, device: torch.device):
         self.cuda, self.device = cuda, device
         cuda.log.append(("stream_new", self, device, cuda.current_device))
 
     @classmethod
     def default(cls, cuda: FakeCuda, device: torch.device) -> FakeStream:
-        key = (id(cuda), str(device))
-        if key not in cls._defaults:
+        """The default stream of ``device`` (one per fake and device)."""
+        key = str(device)
+        if key not in cuda.default_streams:
             s = cls.__new__(cls)
             s.cuda, s.device = cuda, device
-            cls._defaults[key] = s
-        return cls._defaults[key]
+            cuda.default_streams[key] = s
+        return cuda.default_streams[key]
 
     def wait_stream(self, other):
         self.cuda.log.append(("wait_stream", self, other))
@@ -204,6 +204,9 @@ def test_graph_runner_captures_on_one_stream_of_the_trajectory_device(fake_cuda,
     warm = [c for c in traj.calls if c[2] is None]
     assert len(warm) == min(2, num_steps)
     assert all(d == dev and s is runner.stream for d, s, _ in warm)
+    default = FakeStream.default(fake_cuda, dev)  # the device's current stream: ordered before and after
+    waits = [(e[1], e[2]) for e in fake_cuda.log if e[0] == "wait_stream"]
+    assert waits == [(runner.stream, default), (default, runner.stream)]
     # Every capture: that device current, that stream and the runner's one pool handed to torch.cuda.graph.
     captures = [e for e in fake_cuda.log if e[0] == "capture"]
     assert len(captures) == (2 if num_steps % runner.k else 1)
