@@ -35,6 +35,7 @@ from .rows import (
     SCHEMA,
     BenchConfig,
     Case,
+    Row,
     Task,
 )
 from .timing import Clock, MemoryProbe, percentiles, repeat_times, variant_context
@@ -67,7 +68,7 @@ SETUP_ESTIMATE_S = {
 }  # fmt: skip
 
 
-def expected_setup_s(row: Any, cfg: BenchConfig) -> float:
+def expected_setup_s(row: Row, cfg: BenchConfig) -> float:
     """Expected seconds of ``row``'s untimed part on ``cfg.device`` (see :data:`SETUP_ESTIMATE_S`)."""
     if row.compiles:
         return cfg.compile_reserve_s * COMPILE_FACTOR.get(row.kind, 1.5)
