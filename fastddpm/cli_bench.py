@@ -1,9 +1,10 @@
 """``fastddpm bench``: sampling speed of fastddpm against diffusers, eager PyTorch and torch.compile.
 
-The measuring code is ``benchmarks/harness.py`` of a source checkout (rows, metrics and file formats
-are described in ``benchmarks/README.md``); this module only defines the command line and finds the
-harness. It looks in ``$FASTDDPM_BENCH_HARNESS`` (a path to ``harness.py``), then next to the
-package (``<checkout>/benchmarks/harness.py``, present for editable installs and checkouts).
+The measuring code is the package ``benchmarks/harness/`` of a source checkout (rows, metrics and
+file formats are described in ``benchmarks/README.md``); this module only defines the command line,
+finds the harness and calls its ``run_from_args(args)``. It looks in ``$FASTDDPM_BENCH_HARNESS`` (the
+harness folder, or its ``__init__.py``), then next to the package (``<checkout>/benchmarks/harness/``,
+present for editable installs and checkouts).
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ _MODULE_NAME = "fastddpm_bench_harness"
 
 
 def harness_path() -> Path:
-    """Where the harness is: ``$FASTDDPM_BENCH_HARNESS`` or ``<checkout>/benchmarks/harness.py``."""
+    """The harness package's ``__init__.py``: from ``$FASTDDPM_BENCH_HARNESS`` (the folder or that file),
+    else ``<checkout>/benchmarks/harness/__init__.py``."""
     env = os.environ.get(HARNESS_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "benchmarks" / "harness.py"
+    path = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "benchmarks" / "harness"
+    return path / "__init__.py" if path.suffix != ".py" else path
 
 
 def load_harness() -> ModuleType:
-    """Import ``benchmarks/harness.py`` (once) and return the module.
+    """Import the ``benchmarks/harness`` package (once) and return it.
 
     Raises:
         FileNotFoundError: the harness is not there (an installed wheel ships without benchmarks).
@@ -41,9 +42,9 @@ def load_harness() -> ModuleType:
     if not path.is_file():
         raise FileNotFoundError(
             f"the benchmark harness {path} does not exist: `fastddpm bench` runs from a source checkout "
-            f"(pip install -e .), or set {HARNESS_ENV}=/path/to/benchmarks/harness.py"
+            f"(pip install -e .), or set {HARNESS_ENV}=/path/to/benchmarks/harness"
         )
-    spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, path, submodule_search_locations=[str(path.parent)])
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"cannot import the benchmark harness from {path}")
     module = importlib.util.module_from_spec(spec)
@@ -57,7 +58,7 @@ def load_harness() -> ModuleType:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``fastddpm bench`` (also used by ``python benchmarks/harness.py``)."""
+    """Options of ``fastddpm bench`` (also used by ``python benchmarks/harness``)."""
     rows = "B0a,B0b,B1,B2,F1,F2,F3,COPY,MM,K0,K1,K2,KD"
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument(
