@@ -196,9 +196,9 @@ class ShardFolder:
             diffs = config_differences(stored.get("config", {}), config)
             if diffs:
                 raise ValueError(
-                    f"{self.path} holds shards of a different sampling config, which must not be mixed:\\n  "
-                    + "\\n  ".join(diffs)
-                    + f"\\nRerun with the original settings to resume, or {fresh}."
+                    f"{self.path} holds shards of a different sampling config, which must not be mixed:\n  "
+                    + "\n  ".join(diffs)
+                    + f"\nRerun with the original settings to resume, or {fresh}."
                 )
             return True
         shards, others = [], []
@@ -247,7 +247,7 @@ class ShardFolder:
         return rec.get("config_sha256") if isinstance(rec, dict) else None
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        text = json.dumps(manifest, indent=1, sort_keys=True) + "\\n"
+        text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
         atomic_write_owned(self.manifest_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def record_output(self, out: Path, sha256: str, count: int) -> None:
@@ -310,7 +310,7 @@ class ShardFolder:
         rec = {"shard": k, "start": start, "stop": start + arr.shape[0], "count": int(arr.shape[0]),
                "shape": list(arr.shape), "dtype": "uint8", "sha256": _sha256(arr),
                "config_sha256": self.config_sha256}  # fmt: skip
-        text = json.dumps(rec, sort_keys=True) + "\\n"
+        text = json.dumps(rec, sort_keys=True) + "\n"
         atomic_write_owned(self.record_path(k), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
