@@ -14,8 +14,9 @@ many ranks there are. Shards live in ``<out>.shards/`` next to the output::
 Temp files are named ``.<file>.<host>.<pid>.tmp``: a run removes only temp files of its own host whose
 process is gone, never those of a live run writing to the same folder.
 
-A run (1) has rank 0 check ``manifest.json`` against this run's config (a mismatch is an error: shards of
-different configs are never mixed) or write it, (2) has every rank verify a share of the shards (record,
+A run (1) has rank 0 check ``manifest.json`` against this run's config (a mismatch is an error naming the
+differing fields: shards of different configs are never mixed; only the backend and CUDA-graph settings may
+change, as they do not change the images) or write it, (2) has every rank verify a share of the shards (record,
 count, shape, checksum), (3) deals the missing or corrupt shards round-robin to the ranks, which sample
 them and write each one atomically (temp file + rename; the array first, its record second), and (4) has
 rank 0 merge the shards in sample order into ``out``, verifying every checksum again on the way. A killed
@@ -109,10 +110,10 @@ def model_fingerprint(model: Any) -> str:
 def run_config(
     model: Any, schedule: Any, config: SamplingConfig, *, num_samples: int, shard_size: int
 ) -> dict[str, Any]:
-    """Everything that decides the images of the shards: what ``manifest.json`` records and compares.
+    """The run ``manifest.json`` records: ``config`` whole (``"sampling"``), the image count, the shard size,
+    the weights' fingerprint and the schedule.
 
-    ``config`` is recorded whole (``"sampling"``), so every option of :func:`fastddpm.sample` is compared on
-    resume; next to it the image count, the shard size, the weights' fingerprint and the schedule.
+    A resume compares all of it but :data:`EXECUTION_FIELDS` (see :func:`compared`).
     """
     return _jsonable(
         {
@@ -125,9 +126,23 @@ def run_config(
     )
 
 
+# How a run executes, not what it draws: the product guarantees the same images whatever the fused backend
+# and with or without CUDA graphs (tests hold these bit-exact), so a resume may change them.
+EXECUTION_FIELDS = ("backend", "cuda_graph", "steps_per_graph")
+
+
+def compared(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config without its :data:`EXECUTION_FIELDS`: what must match for shards to be mixed."""
+    config = _jsonable(config)
+    sampling = config.get("sampling")
+    if isinstance(sampling, dict):
+        config["sampling"] = {k: v for k, v in sampling.items() if k not in EXECUTION_FIELDS}
+    return config
+
+
 def config_sha256(config: dict[str, Any]) -> str:
-    """sha256 of a run config's canonical JSON (stored in every shard record)."""
-    return hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()
+    """sha256 of a run config's compared part, canonical JSON (stored in every shard record)."""
+    return hashlib.sha256(json.dumps(compared(config), sort_keys=True).encode()).hexdigest()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -193,7 +208,10 @@ class ShardFolder:
                     f"{self.path} was written by shard format version {stored.get('version')!r}, this is "
                     f"version {FORMAT_VERSION}; {fresh}"
                 )
-            diffs = config_differences(stored.get("config", {}), config)
+            stored_config = stored.get("config")
+            diffs = config_differences(
+                compared(stored_config if isinstance(stored_config, dict) else {}), compared(config)
+            )
             if diffs:
                 raise ValueError(
                     f"{self.path} holds shards of a different sampling config, which must not be mixed:\n  "

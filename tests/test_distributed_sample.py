@@ -435,7 +435,8 @@ def test_killed_run_loses_only_its_current_shard(tmp_path, baseline, model_dir, 
     ("extra", "shard_size", "field"),
     [(["--seed", "1"], 2, "sampling.seed"), (["--steps", "4"], 2, "sampling.num_inference_steps"),
      (["--sampler", "ddim"], 2, "sampling.sampler"), (["--spacing", "trailing"], 2, "sampling.timestep_spacing"),
-     (["--dtype", "bf16"], 2, "sampling.dtype"), (["--backend", "reference"], 2, "sampling.backend"),
+     (["--dtype", "bf16"], 2, "sampling.dtype"),
+     (["--use-clipped-model-output", "--sampler", "ddim"], 2, "sampling.use_clipped_model_output"),
      ([], 3, "shard_size"), (["--num-samples", "8"], 2, "num_samples")],
 )  # fmt: skip
 def test_config_mismatch_is_refused_and_touches_nothing(resumable, model_dir, draws, extra, shard_size, field):
@@ -446,6 +447,13 @@ def test_config_mismatch_is_refused_and_touches_nothing(resumable, model_dir, dr
     assert draws == []
     assert _stats(shard_folder(resumable)) == before
     assert not resumable.exists()
+
+
+def test_execution_choices_may_change_on_resume(resumable, baseline, model_dir, draws):
+    """Backend and CUDA graphs do not change the images (held bit-exact elsewhere): a resume may switch them."""
+    assert _run(_sharded_args(model_dir, resumable, "--backend", "reference", "--no-cuda-graph")) == 0
+    assert draws == []
+    _assert_same_bytes(_npz(resumable), _npz(baseline))
 
 
 def test_other_weights_are_refused(resumable, model_dir, tmp_path):
