@@ -98,11 +98,7 @@ def prepare_output_file(out: str, flag: str = "--out") -> tuple[Path, list[Path]
         raise ValueError(f"{flag} must end in .png (a grid) or .npz (uint8 NHWC images), got {out!r}")
     if path.is_dir():
         raise ValueError(f"{flag} {out!r} is a folder; give a file name ending in .png or .npz")
-    created = make_folder(path.parent, flag)
-    if path.exists() and not os.access(path, os.W_OK):
-        remove_empty(created)
-        raise ValueError(f"{flag}: {path} exists and cannot be overwritten (permission denied)")
-    return path, created
+    return path, make_folder(path.parent, flag)  # the file is replaced by a rename: the folder must be writable
 
 
 def prepare_output_folder(out: str, flag: str = "--out") -> tuple[Path, list[Path]]:
