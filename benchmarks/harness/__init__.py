@@ -38,7 +38,7 @@ Modules, in the order a run goes through them: ``rows`` (what to run: row kinds,
 default matrix), ``models`` (the U-Nets), ``prepare`` (one preparer per row kind), ``timing``
 (clock, repeats, percentiles, memory), ``run`` (the budgeted loop, ratios, JSON/CSV), ``report``
 (targets, table, chart) and ``cli``. This package re-exports their public names, so
-``import harness`` (with ``benchmarks/`` on ``sys.path``) or ``fastddpm.cli_bench.load_harness()``
+``import harness`` (with ``benchmarks/`` on ``sys.path``) or ``fastddpm.cli.bench.load_harness()``
 gives all of them.
 """
 

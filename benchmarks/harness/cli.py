@@ -1,5 +1,5 @@
 """Command line of the harness: ``python benchmarks/harness [options]`` and ``fastddpm bench [options]``
-(the options are defined by :func:`fastddpm.cli_bench.add_bench_arguments`; ``fastddpm bench`` parses
+(the options are defined by :func:`fastddpm.cli.bench.add_bench_arguments`; ``fastddpm bench`` parses
 them and calls :func:`run_from_args`)."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[Task]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python benchmarks/harness [options]``: the same as ``fastddpm bench [options]``."""
-    from fastddpm.cli_bench import add_bench_arguments
+    from fastddpm.cli.bench import add_bench_arguments
 
     p = argparse.ArgumentParser(description=DESCRIPTION)
     add_bench_arguments(p)
