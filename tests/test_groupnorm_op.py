@@ -256,3 +256,23 @@ def test_jit_trace_records_the_op():
         exact = model.double()(x2.double(), t)
     rel = lambda a: float((a.double() - exact).norm() / exact.norm())
     assert rel(got) <= 2 * rel(eager) + 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_auto_runs_triton_within_twice_pytorch(dtype, channels_last):
+    """On CUDA, "auto" picks the Triton kernel; its error against float64 stays within 2x PyTorch's own
+    error in the same dtype (plus one rounding of the output), and the op passes opcheck there."""
+    assert dispatch.resolve_groupnorm_backend(torch.device("cuda"), dtype, "contiguous") == "triton"
+    x, weight, bias, add = (
+        None if t is None else t.cuda()
+        for t in _inputs(4, 64, 9, 7, channels_last=channels_last, affine=True, with_add=True)
+    )
+    x = x.to(dtype)
+    y = group_norm_silu(x, weight, bias, 8, 1e-6, add=add)
+    ref = _reference(x, weight, bias, 8, 1e-6, add, True)
+    plain = F.silu(F.group_norm(x + add.to(dtype)[:, :, None, None], 8, weight.to(dtype), bias.to(dtype), 1e-6))
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert _max_err(y, ref) <= 2 * _max_err(plain, ref) + torch.finfo(dtype).eps * float(ref.abs().max())
+    torch.library.opcheck(OP, (x, weight, bias, add, 8, 1e-6, True, "triton"))
