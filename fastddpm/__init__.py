@@ -6,6 +6,7 @@ Public API::
     SamplingConfig                one frozen description of a sampling run (sample(..., config=...))
     q_sample, ddpm_step, ddim_step, randn   fused ops (reference / cpu / cuda / triton backends)
     UNet                          DDPM U-Net that loads diffusers checkpoints
+    load                          (UNet, Schedule) by name: "digits", a checkpoint dir, a cached Hub id
     sample                        the sampling loop (CUDA graphs on GPU)
     train                         the training loop
 """
@@ -13,11 +14,10 @@ Public API::
 from __future__ import annotations
 
 from ._layout import STREAM_INIT, STREAM_QSAMPLE, STREAM_STEP
+from ._version import __version__ as __version__
 from .config import SamplingConfig
 from .ops import ddim_step, ddpm_step, q_sample, randn
 from .schedule import Schedule
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Schedule",
@@ -31,6 +31,7 @@ __all__ = [
     "STREAM_STEP",
     "UNet",
     "UNetConfig",
+    "load",
     "sample",
     "train",
 ]
@@ -42,6 +43,10 @@ def __getattr__(name: str):
         from . import unet
 
         return getattr(unet, name)
+    if name == "load":
+        from .registry import load
+
+        return load
     if name == "sample":
         from .sampling import sample
 

@@ -91,3 +91,71 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
         _warned.add(key)
         warnings.warn(f"fastddpm: using the slow reference backend for {device.type} tensors ({why})", stacklevel=3)
     return "reference"
+
+
+GROUPNORM_BACKENDS = ("auto", "torch", "cpu", "triton")
+GROUPNORM_LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+@functools.cache
+def _groupnorm_kernel_availability(name: str, device: torch.device) -> tuple[bool, str]:
+    """:func:`availability`, asked once per process and device (every U-Net GroupNorm call asks)."""
+    return availability(name, device)
+
+
+# Same reasoning as resolve_backend: a pure function of its arguments and the environment.
+@torch.compiler.assume_constant_result
+def resolve_groupnorm_backend(device: torch.device, dtype: torch.dtype, layout: str, requested: str = "auto") -> str:
+    """Which kernel runs ``silu(group_norm(x + add))`` (:func:`fastddpm.groupnorm.group_norm_silu`).
+
+    Args:
+        device: Device of x.
+        dtype: dtype of x.
+        layout: ``"contiguous"``, ``"channels_last"`` or ``"strided"`` (:func:`fastddpm.groupnorm.memory_layout`).
+        requested: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"triton"``.
+
+    Returns:
+        ``"triton"``, ``"cpu"`` or ``"torch"`` (plain PyTorch). ``"auto"`` picks Triton for float32/16/bf16
+        CUDA tensors; the C++ kernel for float32 channels_last CPU tensors (PyTorch's CPU group_norm is slow
+        on channels_last; on NCHW it is as fast as the fused kernel, so NCHW stays on PyTorch); PyTorch
+        otherwise, and always when ``FASTDDPM_FUSED_NORM=0``. A kernel that cannot run falls back to
+        PyTorch with ONE warning naming why.
+
+    Raises:
+        ValueError: an unknown ``requested`` or ``layout``.
+        RuntimeError: a kernel asked for by name cannot run these tensors here (the reason is named).
+    """
+    if requested not in GROUPNORM_BACKENDS:
+        raise ValueError(f"unknown GroupNorm backend {requested!r}; allowed: {', '.join(GROUPNORM_BACKENDS)}")
+    if layout not in GROUPNORM_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; allowed: {', '.join(GROUPNORM_LAYOUTS)}")
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch"
+    if requested != "auto":
+        if requested == "cpu" and dtype != torch.float32:
+            raise RuntimeError(f"GroupNorm backend 'cpu' cannot run these tensors: it takes float32, not {dtype}")
+        if requested == "triton" and dtype not in FUSED_DTYPES:
+            raise RuntimeError(
+                f"GroupNorm backend 'triton' cannot run these tensors: it takes {FUSED_DTYPES}, not {dtype}"
+            )
+        ok, why = _groupnorm_kernel_availability(requested, device)
+        if not ok:
+            raise RuntimeError(f"GroupNorm backend {requested!r} cannot run here: {why}")
+        return requested
+    if os.environ.get("FASTDDPM_FUSED_NORM", "1").strip() == "0":
+        return "torch"
+    if device.type == "cuda" and dtype in FUSED_DTYPES:
+        candidate = "triton"
+    elif device.type == "cpu" and dtype == torch.float32 and layout == "channels_last":
+        candidate = "cpu"
+    else:
+        return "torch"
+    ok, why = _groupnorm_kernel_availability(candidate, device)
+    if ok:
+        return candidate
+    key = ("group_norm", why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fastddpm: plain PyTorch GroupNorm for {device.type} tensors ({candidate}: {why})", stacklevel=3)
+    return "torch"

@@ -1,62 +1,132 @@
-"""Finding a model and its schedule by name or path: bundled models, our checkpoints, diffusers dirs."""
+"""Load a model and its schedule by name: ``fastddpm.load("digits")``, a checkpoint dir, or a cached Hub id.
+
+What a name means is decided in one place, :func:`fastddpm.unet.locate.locate_checkpoint` (an existing
+directory, then a bundled name, then a Hugging Face Hub id in the local cache; never a download).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
-from typing import Any
+
+import torch
 
 from .schedule import Schedule
+from .unet.checkpoint import build, read_checkpoint, read_json
+from .unet.locate import BUNDLED_DIR, bundled_models, locate_checkpoint
+from .unet.model import UNet
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+__all__ = [
+    "BUNDLED_DIR",
+    "bundled_models",
+    "load",
+    "load_model",
+    "recommended_steps",
+    "resolve_model_dir",
+    "scheduler_config_path",
+]
+
+SCHEDULER_CONFIG = "scheduler_config.json"
 
 
-def bundled_models() -> list[str]:
-    """Names of the models shipped inside the package (``fastddpm/models/<name>/config.json``)."""
-    if not BUNDLED_DIR.is_dir():
-        return []
-    return sorted(p.parent.name for p in BUNDLED_DIR.glob("*/config.json"))
-
-
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A bundled name or a directory -> the checkpoint directory. Unknown names list the available ones."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        return p
-    if name_or_path in bundled_models():
-        return BUNDLED_DIR / name_or_path
-    if p.exists():
-        raise ValueError(f"--model {name_or_path!r} is a file; give a checkpoint directory or a bundled name")
-    avail = ", ".join(bundled_models()) or "(none installed)"
-    raise ValueError(
-        f"unknown model {name_or_path!r}: not a bundled model and not a directory. Bundled models: {avail}. "
-        "A path may be a fastddpm checkpoint dir (config.json + model.safetensors) or a diffusers model/pipeline dir."
-    )
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A bundled name, a directory or a cached Hub id -> the directory (see :func:`locate_checkpoint`)."""
+    return locate_checkpoint(name_or_path)
 
 
 def scheduler_config_path(model_dir: Path) -> Path | None:
-    """The ``scheduler_config.json`` that goes with a model directory (next to it or a pipeline's), or None."""
-    for cand in (model_dir / "scheduler_config.json", model_dir / "scheduler" / "scheduler_config.json",
-                 model_dir.parent / "scheduler" / "scheduler_config.json"):  # fmt: skip
+    """The ``scheduler_config.json`` that goes with a model directory: in it, in its ``scheduler/`` subdir,
+    or (a pipeline's ``unet/``) the sibling ``scheduler/``; None if there is none."""
+    for cand in (
+        model_dir / SCHEDULER_CONFIG,
+        model_dir / "scheduler" / SCHEDULER_CONFIG,
+        model_dir.parent / "scheduler" / SCHEDULER_CONFIG,
+    ):
         if cand.is_file():
             return cand
     return None
 
 
 def _schedule_for(model_dir: Path) -> Schedule:
-    path = scheduler_config_path(model_dir)
-    if path is not None:
-        return Schedule.from_diffusers(path)
-    warnings.warn(f"no scheduler_config.json next to {model_dir}; using the default DDPM schedule", stacklevel=3)
+    """The schedule saved next to a checkpoint (see :func:`scheduler_config_path`); else the default with a warning."""
+    cand = scheduler_config_path(model_dir)
+    if cand is not None:
+        raw = read_json(cand)  # a JSON list or broken JSON: one ValueError naming the file
+        try:
+            return Schedule.from_diffusers(raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cand}: {e}") from None
+    warnings.warn(f"no {SCHEDULER_CONFIG} next to {model_dir}; using the default DDPM schedule", stacklevel=3)
     return Schedule()
 
 
-def recommended_steps(name_or_path: str) -> int | None:
+def _load(
+    name_or_path: str | os.PathLike,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    variant: str | None,
+) -> tuple[UNet, Schedule, str]:
+    where = locate_checkpoint(name_or_path)
+    ckpt = read_checkpoint(where, variant=variant)
+    model = build(UNet, ckpt.config, ckpt.state_dict, dtype=dtype, device=device, source=ckpt.source)
+    schedule = _schedule_for(ckpt.model_dir)
+    return model, schedule, f"{os.fspath(name_or_path)} ({ckpt.kind} checkpoint at {ckpt.model_dir})"
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    variant: str | None = None,
+) -> tuple[UNet, Schedule]:
+    """The U-Net and the noise schedule it was trained with, by name or path.
+
+    Args:
+        name_or_path: A bundled model name (``"digits"``), a fastddpm checkpoint directory
+            (``config.json`` + ``model.safetensors``), a diffusers ``UNet2DModel`` model directory or
+            pipeline directory (``unet/`` + ``scheduler/``), or, with ``huggingface_hub`` installed, a Hub
+            id (``"google/ddpm-cifar10-32"``) already in its local cache. Nothing is ever downloaded.
+        device: Device of the model (``None``: CPU).
+        dtype: Parameter dtype (``None``: as stored).
+        variant: diffusers weight-file variant, e.g. ``"fp16"``.
+
+    Returns:
+        ``(model, schedule)``: the :class:`~fastddpm.UNet` in eval mode and the
+        :class:`~fastddpm.Schedule` of the ``scheduler_config.json`` found next to it (the default DDPM
+        schedule, with a warning, when there is none).
+
+    Raises:
+        FileNotFoundError: a path that does not exist, a directory with neither kind of checkpoint, a
+            missing weights file, or a Hub id not in the local cache (naming the id and ``HF_HUB_OFFLINE``).
+        ValueError: an unknown name (close bundled names suggested), a file given as the model, a
+            ``config.json`` / ``scheduler_config.json`` that is not a JSON object, a config of another
+            class, or weights that do not fit the config.
+    """
+    model, schedule, _ = _load(name_or_path, device=device, dtype=dtype, variant=variant)
+    return model, schedule
+
+
+def load_model(
+    name_or_path: str | os.PathLike, device: torch.device | str | None = "cpu"
+) -> tuple[UNet, Schedule, str]:
+    """:func:`load` plus a one-line description of what was loaded, for the CLI's summary.
+
+    Returns:
+        ``(model, schedule, description)``; the description reads ``"<name> (<fastddpm|diffusers>
+        checkpoint at <dir>)"``.
+    """
+    return _load(name_or_path, device=device, dtype=torch.float32, variant=None)
+
+
+def recommended_steps(name_or_path: str | os.PathLike) -> int | None:
     """The step count a model directory recommends in ``sampling.json`` (bundled models ship one), else None."""
     try:
-        d = resolve_model_dir(name_or_path)
-    except ValueError:
+        d = locate_checkpoint(name_or_path)
+    except (ValueError, FileNotFoundError, TypeError):
         return None
     f = d / "sampling.json"
     if not f.is_file():
@@ -66,29 +136,3 @@ def recommended_steps(name_or_path: str) -> int | None:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
     return int(steps) if isinstance(steps, int) and steps > 0 else None
-
-
-def load_model(name_or_path: str, device: Any = "cpu") -> tuple[Any, Schedule, str]:
-    """Load ``(UNet, Schedule, description)`` from a bundled name, our checkpoint dir or a diffusers dir."""
-    from .unet import UNet
-
-    d = resolve_model_dir(name_or_path)
-    if not (d / "config.json").is_file() and (d / "unet" / "config.json").is_file():
-        d = d / "unet"  # a diffusers pipeline directory
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(
-            f"{d} has no config.json; expected a fastddpm checkpoint or a diffusers model directory"
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint {cfg_path} is corrupt: config.json is not valid JSON ({e})") from None
-    if cfg.get("_class_name") == "UNet2DModel":
-        model = UNet.from_diffusers(d)
-        kind = "diffusers"
-    else:
-        model = UNet.from_pretrained(d)
-        kind = "fastddpm"
-    schedule = _schedule_for(d)
-    return model.to(device).eval(), schedule, f"{name_or_path} ({kind} checkpoint at {d})"

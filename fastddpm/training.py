@@ -35,8 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
 from ._layout import STREAM_QSAMPLE
+from ._version import __version__
 from .data import load_dataset
 from .noise import check_seed
 from .ops import q_sample, randn

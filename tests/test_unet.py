@@ -581,3 +581,40 @@ def test_from_dict_rejects_unknown_keys_and_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.in_channels = 4  # type: ignore[misc]
     assert UNetConfig.from_dict({**cfg.to_dict(), "_class_name": "fastddpm.UNet"}) == cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout of the package
+# --------------------------------------------------------------------------------------------------
+
+# The names fastddpm/unet.py and fastddpm/unet_io.py defined before the split into fastddpm/unet/.
+UNET_NAMES = (
+    "PRESETS UNet UNetConfig DOWN_BLOCK_TYPES UP_BLOCK_TYPES MID_BLOCK_TYPES TimestepEmbedding ResBlock "
+    "SelfAttention Downsample Upsample DownBlock MidBlock UpBlock timestep_embedding _norm_act"
+).split()
+UNET_IO_NAMES = (
+    "CLASS_NAME CONFIG_NAME WEIGHTS_NAME DIFFUSERS_WEIGHTS DIFFUSERS_DEFAULTS config_from_diffusers "
+    "config_to_diffusers convert_diffusers_state_dict from_diffusers from_pretrained load_state_dict_checked "
+    "save_pretrained to_diffusers"
+).split()
+
+
+def test_names_stay_importable_from_where_they_were():
+    import fastddpm
+    from fastddpm import unet
+
+    missing = [n for n in UNET_NAMES if not hasattr(unet, n)] + [n for n in UNET_IO_NAMES if not hasattr(unet_io, n)]
+    assert not missing
+    assert fastddpm.UNet is unet.UNet and fastddpm.UNetConfig is unet.UNetConfig
+    assert all(hasattr(unet, n) for n in unet.__all__) and all(hasattr(unet_io, n) for n in unet_io.__all__)
+
+
+def test_unet_io_functions_are_the_methods(tmp_path):
+    """unet_io.from_pretrained / from_diffusers / save_pretrained give what the UNet methods give."""
+    model = _tiny_unet()
+    path = unet_io.save_pretrained(model, tmp_path / "ckpt")
+    a, b = unet_io.from_pretrained(path), UNet.from_pretrained(path)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)  # the same stored numbers
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        unet_io.from_diffusers(tmp_path)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .run import SAMPLER_ORDER, sampler_label
+from .labels import SAMPLER_ORDER, sampler_label
 
 COLORS = {"x0": "#d62728", "ddpm": "#1f77b4", "ddim": "#ff7f0e", "ddim-noclip": "#2ca02c"}
 DPI = 90

@@ -31,6 +31,7 @@ import torch
 from .. import _layout as L
 from ..schedule import Schedule
 from .classifier import DigitsScorer, classifier_info, digits_train_heldout
+from .labels import SAMPLER_ORDER, sampler_label
 from .metrics import sliced_wasserstein
 from .toy import (
     TOY_SHAPE,
@@ -44,8 +45,6 @@ from .toy import (
 
 DEFAULT_STEPS = (1, 2, 5, 10, 20, 50, 100, 250, 1000)
 DEFAULT_TRAJECTORY_T = (999, 900, 700, 500, 300, 100, 0)
-#: ``ddim-noclip`` is DDIM on the same schedule with ``clip_sample=False``, as in the DDIM paper's code.
-SAMPLER_ORDER = ("x0", "ddpm", "ddim", "ddim-noclip")
 DDIM_SAMPLERS = ("ddim", "ddim-noclip")
 REAL_FD_DRAWS = 10
 CSV_COLUMNS = (
@@ -350,15 +349,6 @@ def _write_tables(result: QualityResult, out: Path) -> None:
     _atomic_write(out / "results.csv", write_csv)
     text = json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n"
     _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def sampler_label(sampler: str, eta: Any = 0.0) -> str:
-    """Display name of a sampler: ``"x0 one shot"``, ``"DDPM"``, ``"DDIM (eta=0)"``, ``"DDIM (eta=0), no x0 clip"``."""
-    if sampler == "ddim":
-        return f"DDIM (eta={float(eta):g})"
-    if sampler == "ddim-noclip":
-        return f"DDIM (eta={float(eta):g}), no x0 clip"
-    return {"x0": "x0 one shot", "ddpm": "DDPM"}[sampler]
 
 
 def format_table(result: QualityResult) -> str:
