@@ -7,6 +7,7 @@ Public API::
     UNet                          DDPM U-Net that loads diffusers checkpoints
     sample                        the sampling loop (CUDA graphs on GPU)
     train                         the training loop
+    distill                       progressive distillation to few-step students
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "UNetConfig",
     "sample",
     "train",
+    "distill",
 ]
 
 
@@ -47,4 +49,8 @@ def __getattr__(name: str):
         from .training import train
 
         return train
+    if name == "distill":  # the module is fastddpm.distillation: a submodule named distill would shadow this
+        from .distillation import distill
+
+        return distill
     raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")
