@@ -465,7 +465,7 @@ def distill(
     Args:
         teacher: a model ``(x [B, ...], t [B]) -> output`` (a :class:`UNet` or any module), or a name/directory
             as ``fastddpm sample --model`` takes (bundled name, fastddpm or diffusers checkpoint). Moved to
-            ``device``, used in eval mode, never modified.
+            ``device`` and put in eval mode; its weights are never changed.
         schedule: the teacher's schedule (default: the one saved with a named teacher). Learned variances
             are refused; its betas are the student's (the paper allows the teacher's schedule).
         data: float ``[N, ...]`` tensor in ``[-1, 1]``, or a name/folder for :func:`fastddpm.data.load_dataset`

@@ -37,6 +37,15 @@ from fastddpm.training import training_target
 pytestmark = pytest.mark.filterwarnings("ignore:fastddpm. using the slow reference backend")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; on a loaded 2-core machine two threads made these tests 5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class RandomTeacher(nn.Module):
     """A fixed smooth random function ``(x, t) -> output`` in float64: a stand-in teacher for the math tests."""
 
