@@ -175,6 +175,15 @@ def _sampling_config(schedule: Schedule, steps: int, teacher_steps: int) -> dict
 
 
 def _save_round(path: Path, ema: nn.Module, schedule: Schedule, steps: int, teacher_steps: int) -> None:
+    T = schedule.num_train_timesteps
+    if T % steps:
+        warnings.warn(
+            f"the {steps}-step student in {path} was trained on the nested trailing grid (prev_t = the next grid "
+            f"point), but {steps} does not divide T = {T}, so fastddpm.sample(sampler='ddim') steps to "
+            f"prev_t = t - {T // steps} instead; its sampling.json says 'prev_timestep': 'next_grid_point'. Sample "
+            f"it exactly with the pairs of fastddpm.distill_math.student_grid(schedule, {steps})",
+            stacklevel=4,
+        )
     path.mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(path)
     sched = json.dumps({"_class_name": "DDPMScheduler", **schedule.to_dict()}, indent=2, sort_keys=True) + "\n"

@@ -316,6 +316,14 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         distill(tiny_unet(), sched, data, from_steps=4, to_steps=2, out_dir=tmp_path, **kw)
 
 
+def test_a_student_grid_that_does_not_divide_T_is_flagged(tmp_path):
+    with pytest.warns(UserWarning, match="3 does not divide T = 1000"):
+        distill(tiny_unet(), Schedule(), random_images(4), from_steps=6, to_steps=3, steps_per_round=1, batch_size=2,
+                progress=False, out_dir=tmp_path)  # fmt: skip
+    cfg = json.loads((tmp_path / round_dir_name(1, 3) / SAMPLING_NAME).read_text())
+    assert cfg["prev_timestep"] == "next_grid_point" and "does NOT divide" in cfg["note"]
+
+
 def test_public_name_is_the_function():
     import fastddpm.distillation  # noqa: F401  (importing the module must not shadow the function)
 
