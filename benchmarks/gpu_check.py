@@ -4,16 +4,21 @@ Usage, from the repository root of a checkout on a CUDA machine (torch + triton 
 repo need not be pip-installed, diffusers may be absent)::
 
     python benchmarks/gpu_check.py [OUT_DIR] [--budget 480]
+    python benchmarks/gpu_check.py --dry-run OUT_DIR    # rehearsal on CPU (what CI runs)
 
 Sections, in order, each in its own process with a hard time limit (a section over its limit is
 killed and recorded as ``timeout``; a section that no longer fits the total budget is ``skipped``)::
 
     env      versions, GPU name, whether CUDA works
-    build    the CUDA extension (fastddpm._build.load_cuda_extension), for the present GPU only
-    pytest   pytest tests -k PYTEST_K with FASTDDPM_TEST_DEVICE=cuda: the device-aware tests run the
-             cuda and triton (compiled) backends on CUDA tensors against the float64 reference
-    checks   triton vs cuda noise identity (and vs the plain-torch Philox spec), fused step identity,
-             CUDA-graph vs eager image equality, torch.library.opcheck of the custom ops on CUDA
+    build    the CUDA extension (fastddpm._build.load_cuda_extension), for the present GPU only, and
+             the CPU extension next to it, so no test module or later section compiles
+    pytest   pytest tests -k PYTEST_K with FASTDDPM_TEST_DEVICE=cuda and TRITON_INTERPRET removed: the
+             device-aware tests run the cuda and triton (compiled) backends and the fused GroupNorm on
+             CUDA tensors against the float64 reference
+    checks   (gpu_checks.py) bitwise identity of randn/q_sample/ddpm_step/ddim_step across triton,
+             cuda and cpu (on a CPU copy), triton vs cuda noise vs the plain-torch Philox spec, fused
+             step vs the reference, CUDA-graph vs eager image equality (also on cuda:1 while cuda:0 is
+             current, with two GPUs), torch.library.opcheck of the custom ops on CUDA
     bench    the benchmark matrix of benchmarks/harness.py (it stops starting rows at its budget)
 
 Everything lands in OUT_DIR (default ``$OUT``, else ``gpu_results/``), at most 8 files::
@@ -24,6 +29,10 @@ Everything lands in OUT_DIR (default ``$OUT``, else ``gpu_results/``), at most 8
     bench.json, bench.csv, bench.png   the benchmark (formats in benchmarks/README.md)
 
 The exit status is 0 when no section failed (skipped sections do not count as failures).
+
+``--dry-run``: every section runs on CPU with the GPU-only steps skipped and their budgets printed,
+and the heavy CPU parts left out too (no extension build, pytest ``--collect-only``, one quick bench
+row), so the script's plumbing is exercised in CI (tests/test_gpu_check_dry_run.py).
 """
 
 from __future__ import annotations
@@ -45,6 +54,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:  # the check functions live next to this script
+    sys.path.append(str(BENCH_DIR))
+from gpu_checks import CHECKS, Skip  # noqa: E402
+
 MAX_FILES = 8  # the device tool brings back at most 8 files
 LOG_NAME, SUMMARY_NAME, PYTEST_NAME = "gpu_check.log", "summary.json", "pytest.txt"
 SECTIONS = ("env", "build", "pytest", "checks", "bench")
@@ -53,7 +66,12 @@ BUDGETS = {"env": 60.0, "build": 150.0, "pytest": 150.0, "checks": 120.0, "bench
 BENCH_MIN_S = 120.0  # time kept for the bench while earlier sections run
 #: The GPU-relevant tests; the compile-only checks (nvcc -c, the sm_90 Triton compile) already ran on CPU.
 #: (``fullgraph``: a torch.compile test that builds the CPU extension, which the GPU run does not need.)
-PYTEST_K = "(cuda or triton or graph or opcheck) and not aot and not test_cuda_compile and not fullgraph"
+#: ``groupnorm``: the fused GroupNorm against PyTorch on CUDA tensors (tests/test_groupnorm_kernel.py with
+#: FASTDDPM_TEST_DEVICE=cuda); the C++ CPU GroupNorm (test_cpu_groupnorm) already ran on CPU.
+PYTEST_K = (
+    "(cuda or triton or graph or opcheck or groupnorm) and not aot and not test_cuda_compile and not fullgraph"
+    " and not test_cpu_groupnorm"
+)
 DEFAULT_WHEELS = str(REPO / ".whl")
 
 
@@ -113,12 +131,17 @@ def parse_pytest_summary(output: str) -> dict[str, int]:
     """
     import re
 
-    lines = [ln for ln in output.strip().splitlines() if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)]
+    lines = [ln for ln in output.strip().splitlines()
+             if re.search(r"\d+ (passed|failed|error|skipped|deselected)|\d+ tests? collected", ln)]  # fmt: skip
     if not lines:
         return {}
-    return {
+    counts = {
         k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", lines[-1])
     }
+    collected = re.search(r"(\d+)(?:/\d+)? tests? collected", lines[-1])  # --collect-only: "3/40 tests collected"
+    if collected:
+        counts["collected"] = int(collected.group(1))
+    return counts
 
 
 def child_env(base: dict[str, str] | None = None, *, interpret: bool | None = False) -> dict[str, str]:
@@ -212,10 +235,6 @@ def clear_stale_build_locks(root: Path | None = None) -> list[str]:
     return removed
 
 
-class Skip(Exception):
-    """The check cannot run here; the message says why."""
-
-
 def _device(allow_cpu: bool) -> Any:
     import torch
 
@@ -252,189 +271,69 @@ def child_env_info(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+#: The CPU extension build, run in its own process next to the CUDA build (they share no files).
+_CPU_BUILD = (
+    "import gpu_check; gpu_check.ensure_package_aliases(); from fastddpm import _build; _build.load_cpu_extension()"
+)
+
+
 def child_build(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the CUDA extension (present GPU only) and, in parallel in a second process, the CPU
+    extension, so that no test module and no later section compiles anything. Dry run: checks the
+    build entry points exist and skips both builds (the CUDA one is GPU-only; the CPU one is the heavy
+    CPU part a dry run leaves out), printing the section's budget."""
     import torch
 
     ensure_package_aliases()
-    if not torch.cuda.is_available():
-        raise Skip("no CUDA device is visible")
     from fastddpm import _build
 
-    t0 = time.perf_counter()
-    try:
-        ext = _build.load_cuda_extension()
-    except Exception as e:
-        return dict(ok=False, error=f"{type(e).__name__}: {e}"[:2000], seconds=time.perf_counter() - t0)
-    from fastddpm.dispatch import availability
-
-    ok, why = availability("cuda", "cuda")
-    return dict(ok=bool(ok), availability=why, extension=repr(ext)[:200], seconds=time.perf_counter() - t0,
-                compiler=_build.compiler_info() if hasattr(_build, "compiler_info") else None)  # fmt: skip
-
-
-def _cuda_backends(device: Any) -> list[str]:
-    """The fused backends to check: on CUDA both ``triton`` and ``cuda``, and a missing one is an error
-    (a check must not pass on one backend while claiming two); on CPU (``--allow-cpu``) ``cpu``."""
-    from fastddpm.dispatch import availability
-
-    names = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    missing = {b: why for b in names for ok, why in [availability(b, device)] if not ok}
+    missing = [f for f in ("load_cuda_extension", "load_cpu_extension") if not callable(getattr(_build, f, None))]
     if missing:
-        raise RuntimeError(f"backend(s) unavailable on {device}: {missing}")
-    return list(names)
+        return dict(ok=False, error=f"fastddpm._build has no {missing}")
+    if args.dry_run:
+        steps = {"cuda_extension": "skipped (GPU-only)", "cpu_extension": "skipped (heavy CPU part, dry run)"}
+        for name, what in steps.items():
+            print(f"dry run: build {name}: {what}; section budget {BUDGETS['build']:.0f} s")
+        return dict(ok=True, dry_run=True, steps=steps)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        raise Skip("no CUDA device is visible")
+    t0 = time.perf_counter()
+    cpu_proc = subprocess.Popen([sys.executable, "-c", _CPU_BUILD], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out: dict[str, Any] = dict(compiler=_build.compiler_info() if hasattr(_build, "compiler_info") else None)
+    from fastddpm.dispatch import availability
 
-
-def check_noise_identity(device: Any) -> dict[str, Any]:
-    """fastddpm.randn of every fused backend vs the plain-torch Philox spec and vs each other, on
-    an odd shape, seeds with high bits, per-sample timesteps; plus batch-composition independence."""
-    import torch
-
-    import fastddpm
-    from fastddpm import _layout as L
-    from fastddpm.noise import philox_normal
-
-    backends = _cuda_backends(device)
-    if not backends:
-        raise Skip(f"no fused backend runs on {device}")
-    b, shape = 5, (3, 7, 11)
-    n = 3 * 7 * 11
-    seed, offset = 0x9E3779B97F4A7C15, (1 << 33) + 7
-    t = torch.randint(0, 1000, (b,), dtype=torch.int64)
-    ref = philox_normal(seed, torch.arange(offset, offset + b), t, n, L.STREAM_STEP).reshape(b, *shape)
-    out: dict[str, Any] = {}
-    got = {}
-    for name in backends:
-        z = fastddpm.randn((b, *shape), seed=seed, sample_offset=offset, t=t.to(device), stream=L.STREAM_STEP,
-                           device=device, backend=name)  # fmt: skip
-        got[name] = z.cpu()
-        part = fastddpm.randn((3, *shape), seed=seed, sample_offset=offset + 2, t=t[2:].to(device),
-                              stream=L.STREAM_STEP, device=device, backend=name)  # fmt: skip
-        out[name] = dict(max_abs_vs_spec=float((got[name] - ref).abs().max()),
-                         batch_independent=bool(torch.equal(part.cpu(), got[name][2:])))  # fmt: skip
-    if len(got) == 2:
-        a, c = got.values()
-        out["max_abs_triton_vs_cuda"] = float((a - c).abs().max())
-    out["ok"] = all(v["max_abs_vs_spec"] <= 1e-4 and v["batch_independent"] for k, v in out.items() if k in got)
-    out["ok"] = out["ok"] and out.get("max_abs_triton_vs_cuda", 0.0) <= 1e-4
-    return out
-
-
-def check_step_identity(device: Any) -> dict[str, Any]:
-    """fastddpm.ddpm_step on each fused backend (Philox noise) vs the float64 reference."""
-    import torch
-
-    import fastddpm
-    from fastddpm import Schedule
-
-    backends = _cuda_backends(device)
-    if not backends:
-        raise Skip(f"no fused backend runs on {device}")
-    schedule = Schedule()
-    b, shape = 3, (5, 7, 11)
-    x = torch.randn(b, *shape, device=device)
-    m = torch.randn(b, *shape, device=device)
-    t = torch.tensor([999, 500, 1], device=device)
-    ref, ref0 = fastddpm.ddpm_step(m.double(), t, x.double(), schedule, seed=42, sample_offset=3, backend="reference")
-    out: dict[str, Any] = {}
-    got = {}
-    for name in backends:
-        prev, x0 = fastddpm.ddpm_step(m, t, x, schedule, seed=42, sample_offset=3, backend=name)
-        got[name] = prev
-        out[name] = dict(max_abs_prev=float((prev.double() - ref).abs().max()),
-                         max_abs_x0=float((x0.double() - ref0).abs().max()))  # fmt: skip
-    if len(got) == 2:
-        a, c = got.values()
-        out["max_abs_triton_vs_cuda"] = float((a - c).abs().max())
-    out["ok"] = all(v["max_abs_prev"] <= 1e-4 and v["max_abs_x0"] <= 1e-4 for k, v in out.items() if k in got)
-    return out
-
-
-def check_graph_vs_eager(device: Any) -> dict[str, Any]:
-    """fastddpm.sample with CUDA graphs (1 and 5 steps per graph) gives the same images as eager."""
-    import torch
-
-    import fastddpm
-    from fastddpm.registry import load_model
-
-    if device.type != "cuda":
-        raise Skip("CUDA graphs need a CUDA device")
-    # The bundled trained model (real digits, not saturated noise), channels_last as the CLI runs it;
-    # 7 images in batches of 4: a second runner (and graphs) for the remainder batch of 3.
-    model, schedule, _ = load_model("digits", device)
-    model = model.to(memory_format=torch.channels_last)
-    out: dict[str, Any] = {}
-    ok = True
-    for backend in _cuda_backends(device):
-        for dtype in (torch.float32, torch.bfloat16):
-            kw = dict(num_inference_steps=12, seed=7, device=device, dtype=dtype, progress=False, backend=backend,
-                      batch_size=4)  # fmt: skip
-            eager = fastddpm.sample(model, schedule, 7, cuda_graph=False, **kw)
-            res = {}
-            for k in (1, 5):
-                g = fastddpm.sample(model, schedule, 7, cuda_graph=True, steps_per_graph=k, **kw)
-                res[f"k{k}_equal"] = bool(torch.equal(g, eager))
-                res[f"k{k}_max_abs"] = float((g - eager).abs().max())
-                ok = ok and res[f"k{k}_equal"]
-            res["finite"] = bool(torch.isfinite(eager).all())
-            res["unsaturated_fraction"] = float((eager.abs() < 0.99).double().mean())  # not all clamped
-            ok = ok and res["finite"] and res["unsaturated_fraction"] > 0.05
-            out[f"{backend}/{str(dtype).replace('torch.', '')}"] = res
-    out["ok"] = ok
-    return out
-
-
-def check_opcheck(device: Any) -> dict[str, Any]:
-    """torch.library.opcheck of the three custom ops with CUDA tensors, for each fused backend."""
-    import torch
-
-    import fastddpm.ops  # noqa: F401  (registers torch.ops.fastddpm.*)
-    from fastddpm import Schedule
-    from fastddpm import _layout as L
-
-    backends = _cuda_backends(device)
-    if not backends:
-        raise Skip(f"no fused backend runs on {device}")
-    b, n = 3, 35
-    out: dict[str, Any] = {}
-    for name in backends:
-        x, m, v = (torch.randn(b, n, device=device) for _ in range(3))
-        coef = torch.rand(b, L.NCOEF, device=device)
-        tval = torch.tensor([3, 2, 1], device=device)
-        rows = torch.arange(b, device=device)
-        rng = torch.tensor([5, 0], device=device)
-        table = Schedule().table("q_sample", device)
+    if torch.cuda.is_available():
         try:
-            torch.library.opcheck(torch.ops.fastddpm.fused_step.default,
-                                  (x, m, v, None, coef, tval, rows, None, rng, L.CLIP_RANGE, 1.0, L.VAR_LEARNED,
-                                   L.NOISE_PHILOX, True, False, name))  # fmt: skip
-            torch.library.opcheck(torch.ops.fastddpm.fused_q_sample.default,
-                                  (x, None, table, tval, rng, L.NOISE_PHILOX, name))  # fmt: skip
-            torch.library.opcheck(torch.ops.fastddpm.fused_randn.default, (tval, rng, b, n, 0, torch.float32, name))
-            out[name] = "ok"
+            ext = _build.load_cuda_extension()
+            ok, why = availability("cuda", "cuda")
+            out["cuda"] = dict(ok=bool(ok), availability=why, extension=repr(ext)[:200])
         except Exception as e:
-            out[name] = f"{type(e).__name__}: {str(e)[:500]}"
-    out["ok"] = all(out[name] == "ok" for name in backends)
+            out["cuda"] = dict(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+        out["cuda"]["seconds"] = round(time.perf_counter() - t0, 1)
+    cpu_log = cpu_proc.communicate()[0].decode("utf-8", "replace")
+    ok, why = availability("cpu", "cpu") if cpu_proc.returncode == 0 else (False, cpu_log.strip()[-2000:])
+    out["cpu"] = dict(ok=bool(ok), availability=why, seconds=round(time.perf_counter() - t0, 1))
+    out["ok"] = out["cpu"]["ok"] and out.get("cuda", {"ok": True})["ok"]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
-
-
-CHECKS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "noise_identity": check_noise_identity,
-    "step_identity": check_step_identity,
-    "graph_vs_eager": check_graph_vs_eager,
-    "opcheck": check_opcheck,
-}
 
 
 def child_checks(args: argparse.Namespace) -> dict[str, Any]:
+    """Every check of :data:`gpu_checks.CHECKS` on the GPU; dry run: on CPU, GPU-only checks skipped
+    with their expected seconds printed, the others run on CPU."""
     import traceback
 
+    import torch
+
     ensure_package_aliases()
-    device = _device(args.allow_cpu)
+    device = torch.device("cpu") if args.dry_run else _device(args.allow_cpu)
     results: dict[str, Any] = {}
-    for name, fn in CHECKS.items():
+    for name, check in CHECKS.items():
         t0 = time.perf_counter()
         try:
-            res = fn(device)
+            if args.dry_run and check.gpu_only:
+                raise Skip(f"dry run: GPU-only check, expected ~{check.expected_s:.0f} s on a GPU")
+            res = check.fn(device)
             status = "ok" if res.get("ok") else "failed"
         except Skip as e:
             res, status = {"reason": str(e)}, "skipped"
@@ -452,11 +351,27 @@ def child_checks(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark matrix inside ``--bench-budget`` seconds. Dry run: prints the GPU matrix with each
+    row's expected untimed seconds (the rule that decides whether a row starts) against the budget,
+    then runs the COPY and K0 rows of the quick matrix on CPU to exercise the harness and its files."""
     ensure_package_aliases()
     import harness
 
-    device = _device(args.allow_cpu)
     budget = max(10.0, float(args.bench_budget))
+    if args.dry_run:
+        gpu_cfg = harness.default_config("cuda", time_budget_s=budget)
+        plan = harness.default_tasks("cuda")
+        setup = [harness.expected_setup_s(t.row, gpu_cfg) for t in plan]
+        for t, s in zip(plan, setup):
+            print(f"dry run: bench {t.case.model}:{t.case.batch} {t.row.name} (priority {t.priority}): GPU-only, "
+                  f"~{s:.0f} s before timing")  # fmt: skip
+        print(f"dry run: {len(plan)} GPU rows, {sum(setup):.0f} s of expected setup, bench budget {budget:.0f} s")
+        cfg = harness.default_config("cpu", quick=True, kernel_backends=("reference",), time_budget_s=budget)
+        tasks = harness.filter_tasks(harness.default_tasks("cpu", quick=True), ["K0"])
+        result = harness.run_benchmark(cfg, tasks, args.out, log=print)
+        return dict(dry_run=True, gpu_rows=len(plan), gpu_setup_s=round(sum(setup)),
+                    rows={r["name"]: r["status"] for r in result.rows})  # fmt: skip
+    device = _device(args.allow_cpu)
     cfg = harness.default_config(str(device), quick=args.bench_quick, time_budget_s=budget)
     tasks = harness.default_tasks(device.type, quick=args.bench_quick)
     if args.bench_rows:
@@ -515,6 +430,7 @@ class Orchestrator:
         self.log_path = self.out / LOG_NAME
         self.log_path.write_text("", encoding="utf-8")
         self.cuda = True
+        self.dry_run = bool(getattr(args, "dry_run", False))
         self.extra_path: str | None = None
 
     def log(self, text: str, *, echo: bool = True) -> None:
@@ -538,7 +454,7 @@ class Orchestrator:
                 res = SectionResult(
                     name, "skipped", budget_s=budget, note="not started: the total time budget is spent"
                 )
-            elif not self.cuda and name in ("build", "checks", "bench") and not self.args.allow_cpu:
+            elif not self.cuda and name in ("build", "checks", "bench") and not (self.args.allow_cpu or self.dry_run):
                 res = SectionResult(name, "skipped", note="no CUDA device is visible (env section)")
             elif name == "pytest":
                 res = self.section_pytest(budget)
@@ -566,6 +482,8 @@ class Orchestrator:
                "--out", str(self.out)]  # fmt: skip
         if self.args.allow_cpu:
             cmd.append("--allow-cpu")
+        if self.dry_run:
+            cmd.append("--dry-run")
         if name == "bench":
             cmd += ["--bench-budget", f"{max(10.0, budget - 20.0):.0f}"]
             if self.args.bench_quick:
@@ -631,11 +549,16 @@ class Orchestrator:
         return next((r.details for r in self.results if r.name == "env"), {})
 
     def section_pytest(self, budget: float) -> SectionResult:
+        """The GPU test selection with ``FASTDDPM_TEST_DEVICE=cuda`` and TRITON_INTERPRET cleared (Triton
+        compiles for the GPU; tests/conftest.py picks the interpreter again only for CPU runs). Dry run:
+        ``--collect-only`` of the same selection (imports every test module: none may compile at import)."""
         cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rs", "-k", self.args.pytest_k, "-p", "no:cacheprovider",
                "-p", "gpu_check", "--continue-on-collection-errors"]  # fmt: skip
-        if self.args.pytest_workers > 1 and importlib.util.find_spec("xdist") is not None:
+        if self.dry_run:
+            cmd.append("--collect-only")
+        elif self.args.pytest_workers > 1 and importlib.util.find_spec("xdist") is not None:
             cmd += ["-n", str(self.args.pytest_workers)]  # the interpreter-run Triton tests are CPU-bound
-        env = self.child_environment(interpret=None)  # the tests choose TRITON_INTERPRET (tests/conftest.py)
+        env = self.child_environment(interpret=False)
         env["FASTDDPM_TEST_DEVICE"] = "cuda" if self.cuda else "cpu"
         self.log(f"== pytest: {' '.join(cmd)}")
         status, rc, output, secs = run_process(cmd, budget, env)
@@ -643,7 +566,9 @@ class Orchestrator:
         self.log(output[-20_000:], echo=False)
         counts = parse_pytest_summary(output)
         res = SectionResult("pytest", status, seconds=round(secs, 1), details=dict(counts=counts, returncode=rc))
-        if status == "timeout":
+        if self.dry_run and status == "ok":
+            res.note = f"dry run: collected only, {counts.get('collected', 0)} selected; GPU run budget {budget:.0f} s"
+        elif status == "timeout":
             res.note = f"killed after {budget:.0f} s; partial output in {PYTEST_NAME}"
             self.clear_build_locks()
         elif rc == 5:
@@ -695,6 +620,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="folder of wheels to install (--no-deps, into a temporary folder) before the sections, "
                         "e.g. diffusers for the B0a rows (default: .whl in the repository, when present; "
                         "benchmarks/fetch_gpu_wheels.sh fills it)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true",
+                   help="rehearse on CPU: every section runs, GPU-only steps (and the CPU extension build) are "
+                        "skipped with their budgets printed, pytest only collects, the bench runs one quick row")  # fmt: skip
     p.add_argument("--bench-quick", action="store_true", help="the bench's quick matrix (tiny model)")
     p.add_argument("--bench-rows", default=None, help="only these bench row kinds (comma list)")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@
 Public API::
 
     Schedule                      noise schedule (diffusers names), Schedule.from_diffusers(...)
+    SamplingConfig                one frozen description of a sampling run (sample(..., config=...))
     q_sample, ddpm_step, ddim_step, randn   fused ops (reference / cpu / cuda / triton backends)
     UNet                          DDPM U-Net that loads diffusers checkpoints
     sample                        the sampling loop (CUDA graphs on GPU)
@@ -13,6 +14,7 @@ Public API::
 from __future__ import annotations
 
 from ._layout import STREAM_INIT, STREAM_QSAMPLE, STREAM_STEP
+from .config import SamplingConfig
 from .ops import ddim_step, ddpm_step, q_sample, randn
 from .schedule import Schedule
 
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Schedule",
+    "SamplingConfig",
     "q_sample",
     "ddpm_step",
     "ddim_step",

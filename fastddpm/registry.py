@@ -35,11 +35,19 @@ def resolve_model_dir(name_or_path: str) -> Path:
     )
 
 
-def _schedule_for(model_dir: Path) -> Schedule:
+def scheduler_config_path(model_dir: Path) -> Path | None:
+    """The ``scheduler_config.json`` that goes with a model directory (next to it or a pipeline's), or None."""
     for cand in (model_dir / "scheduler_config.json", model_dir / "scheduler" / "scheduler_config.json",
                  model_dir.parent / "scheduler" / "scheduler_config.json"):  # fmt: skip
         if cand.is_file():
-            return Schedule.from_diffusers(cand)
+            return cand
+    return None
+
+
+def _schedule_for(model_dir: Path) -> Schedule:
+    path = scheduler_config_path(model_dir)
+    if path is not None:
+        return Schedule.from_diffusers(path)
     warnings.warn(f"no scheduler_config.json next to {model_dir}; using the default DDPM schedule", stacklevel=3)
     return Schedule()
 

@@ -28,6 +28,7 @@ import torch
 
 from . import _layout as L
 from .coefficients import ddim_coefficients, ddpm_coefficients
+from .config import SamplingConfig, takes_config
 from .dispatch import backend_module, resolve_backend
 from .ops import _clip_mode, _split_model_output
 from .reference import dynamic_threshold
@@ -232,18 +233,33 @@ def _resolve_device(model: Any, device: torch.device | str | None) -> torch.devi
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _want_graphs(cuda_graph: Any, device: torch.device, generator: Any) -> bool:
-    if cuda_graph in (False, "off", "never", None):
+def _want_graphs(config: SamplingConfig, device: torch.device, generator: Any) -> bool:
+    if config.cuda_graph == "off":
         return False
-    if cuda_graph not in (True, "auto", "on", "always"):
-        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
-    if device.type != "cuda":
-        if cuda_graph in (True, "on", "always"):
-            raise ValueError("cuda_graph=True needs a CUDA device")
-        return False
-    return generator is None
+    if config.cuda_graph == "on":
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph='on' needs a CUDA device, got {device}")
+        if generator is not None:
+            raise ValueError("cuda_graph='on' cannot be used with generator= (generator mode samples eagerly)")
+    return device.type == "cuda" and generator is None
 
 
+def plan_for(schedule: Schedule, config: SamplingConfig, device: torch.device) -> StepPlan:
+    """The :class:`StepPlan` a config asks for (``x0``: one model evaluation at the schedule's first timestep)."""
+    steps = None if config.sampler == "x0" else config.num_inference_steps
+    return make_plan(
+        schedule, config.sampler, steps, config.timestep_spacing, config.eta, device, config.use_clipped_model_output
+    )
+
+
+def plan_steps(schedule: Schedule, config: SamplingConfig) -> int:
+    """Model evaluations per image of a config (for progress bars and summaries)."""
+    if config.sampler == "x0":
+        return 1
+    return len(schedule.timesteps(config.num_inference_steps, config.timestep_spacing))
+
+
+@takes_config
 def iter_batches(
     model: Callable[..., Any],
     schedule: Schedule,
@@ -258,37 +274,44 @@ def iter_batches(
     batch_size: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     cuda_graph: Any = "auto",
     shape: tuple[int, int, int] | None = None,
     steps_per_graph: int = 1,
     backend: str = "auto",
+    solver_order: int | None = None,
+    use_karras_sigmas: bool = False,
+    lower_order_final: bool = True,
+    final_sigmas_type: str = "zero",
     progress: Any = None,
+    config: SamplingConfig | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Seed-mode sampling of global sample indices ``[start, stop)``; yields ``(first_index, images)``.
 
+    The run options are those of :func:`sample` (keywords or ``config=``; see :class:`SamplingConfig`).
     ``images`` is float32 ``[b, C, H, W]`` in [-1, 1] on the sampling device. Used by :func:`sample`
-    and by the sharded writer of the CLI (each shard is a range of global indices).
+    and by the sharded writer (each shard is a range of global indices).
     """
+    assert config is not None  # set by @takes_config
     device = _resolve_device(model, device)
-    chw = infer_shape(model, shape)
+    chw = infer_shape(model, config.shape)
     n = stop - start
     if n <= 0:
         return
-    bs = min(batch_size or n, n)
-    plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output)
-    name = resolve_backend(backend, device, torch.float32)
-    use_graphs = _want_graphs(cuda_graph, device, None)
+    bs = min(config.batch_size or n, n)
+    plan = plan_for(schedule, config, device)
+    name = resolve_backend(config.backend, device, torch.float32)
+    use_graphs = _want_graphs(config, device, None)
     runners: dict[int, Any] = {}
     for off in range(start, stop, bs):
         b = min(bs, stop - off)
         if b not in runners:
-            traj = Trajectory(model, schedule, plan, b, chw, device, name, dtype)
-            runners[b] = _make_runner(traj, use_graphs, steps_per_graph, cuda_graph)
+            traj = Trajectory(model, schedule, plan, b, chw, device, name, config.autocast_dtype)
+            runners[b] = _make_runner(traj, use_graphs, config)
         runner = runners[b]
         traj = runner.traj
-        x_init = _init_noise(b, chw, seed, off, schedule, device, name)
-        traj.reset(x_init, seed, off)
+        x_init = _init_noise(b, chw, config.seed, off, schedule, device, name)
+        traj.reset(x_init, config.seed, off)
         runner.run(progress)
         traj.check_finite()
         yield off, traj.result().clamp(-1.0, 1.0).clone()
@@ -301,14 +324,14 @@ def _init_noise(b, chw, seed, offset, schedule, device, backend) -> torch.Tensor
     return randn((b, *chw), seed=seed, sample_offset=offset, t=t, stream=L.STREAM_INIT, device=device, backend=backend)
 
 
-def _make_runner(traj: Trajectory, use_graphs: bool, steps_per_graph: int, cuda_graph: Any):
+def _make_runner(traj: Trajectory, use_graphs: bool, config: SamplingConfig):
     from .graphs import EagerRunner, GraphRunner
 
     if use_graphs:
         try:
-            return GraphRunner(traj, steps_per_graph)
+            return GraphRunner(traj, config.steps_per_graph)
         except Exception as e:  # a model that syncs or allocates on the host during capture
-            if cuda_graph in (True, "on", "always"):
+            if config.cuda_graph == "on":
                 raise
             warnings.warn(
                 f"fastddpm: CUDA graph capture failed ({type(e).__name__}: {e}); sampling eagerly", stacklevel=3
@@ -317,7 +340,7 @@ def _make_runner(traj: Trajectory, use_graphs: bool, steps_per_graph: int, cuda_
 
 
 def _generator_mode(
-    model, schedule, num_samples, plan: StepPlan, generator: torch.Generator, device, dtype, chw, backend, progress
+    model, schedule, num_samples, plan: StepPlan, generator: torch.Generator, device, config, chw, progress
 ) -> torch.Tensor:
     """Noise drawn from ``generator`` in DDPMPipeline's order: x_T, then one z per step with t > 0."""
     model_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
@@ -326,8 +349,8 @@ def _generator_mode(
     def draw(shape):
         return torch.randn(shape, generator=generator, device=gdev, dtype=model_dtype).to(device)
 
-    name = resolve_backend(backend, device, torch.float32)
-    traj = Trajectory(model, schedule, plan, num_samples, chw, device, name, dtype)
+    name = resolve_backend(config.backend, device, torch.float32)
+    traj = Trajectory(model, schedule, plan, num_samples, chw, device, name, config.autocast_dtype)
     traj.reset(draw((num_samples, *chw)).float(), 0, 0)
     for i in range(plan.num_steps):
         t = int(plan.pairs[i, 0])
@@ -343,6 +366,11 @@ def _generator_mode(
     return traj.result().clamp(-1.0, 1.0)
 
 
+# Parameters of sample() that are not SamplingConfig fields: what to sample, where, and how to report it.
+NON_CONFIG_ARGS = ("model", "schedule", "num_samples", "generator", "device", "progress", "config")
+
+
+@takes_config
 def sample(
     model: Callable[..., Any],
     schedule: Schedule,
@@ -357,14 +385,22 @@ def sample(
     seed: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     cuda_graph: Any = "auto",
     progress: bool = True,
     shape: tuple[int, int, int] | None = None,
     steps_per_graph: int = 1,
     backend: str = "auto",
+    solver_order: int | None = None,
+    use_karras_sigmas: bool = False,
+    lower_order_final: bool = True,
+    final_sigmas_type: str = "zero",
+    config: SamplingConfig | None = None,
 ) -> torch.Tensor:
     """Draw ``num_samples`` images from a diffusion model.
+
+    The run options (every keyword below but ``generator``, ``device`` and ``progress``) are the fields of
+    :class:`~fastddpm.SamplingConfig`; pass them as keywords or whole as ``config=`` (not both).
 
     Args:
         model: a callable ``(x [B, C, H, W] float, t [B] int64) -> [B, C or 2C, H, W]``, or a module whose
@@ -375,21 +411,26 @@ def sample(
             respacing with ``timestep_spacing`` (``"leading"``, ``"linspace"``, ``"trailing"``, ``None`` for
             the schedule's own, or a respacing string such as ``"ddim50"``).
         sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``), or ``"x0"`` (one shot: x0 predicted
-            from x_T, no further steps).
+            from x_T at the first timestep ``T - 1``; ``num_inference_steps`` must be ``None`` or 1).
+        eta: DDIM only: noise scale (0 is deterministic DDIM).
         use_clipped_model_output: DDIM only: re-derive epsilon from the clipped x0 (diffusers' option of
             the same name). With ``clip_sample`` and many DDIM steps this keeps x0 and eps consistent.
         batch_size: images per batch (default all). In seed mode the images do not depend on it.
-        seed: key of the counter-based noise (seed mode).
+        seed: key of the counter-based noise (seed mode), an int in ``[0, 2**64)``.
         generator: a ``torch.Generator``: draw noise from it exactly as diffusers' ``DDPMPipeline`` does
             (single batch, eager).
         device: where to sample (default: the model's device).
-        dtype: ``torch.bfloat16``/``torch.float16`` runs the model under autocast; the step math stays fp32.
+        dtype: ``torch.bfloat16``/``torch.float16`` (or their names) runs the model under autocast; the
+            step math stays fp32.
         cuda_graph: ``"auto"`` captures steps in CUDA graphs on GPU (falls back to eager with one warning if
-            capture fails), ``True`` requires it, ``False`` disables it.
+            capture fails), ``"on"``/``True`` requires it, ``"off"``/``False`` disables it.
         progress: show a tqdm bar (steps/s and images).
         shape: ``(C, H, W)`` when the model has no ``config`` with ``sample_size``/``in_channels``.
         steps_per_graph: steps captured per CUDA graph (fewer launches; same images).
         backend: fused backend for the step (``"auto"`` picks one).
+        solver_order, use_karras_sigmas, lower_order_final, final_sigmas_type: options of the multistep
+            solvers (diffusers' names and defaults); an error with the other samplers unless left default.
+        config: the whole :class:`~fastddpm.SamplingConfig` instead of the keywords above.
     Returns:
         float32 ``[N, C, H, W]`` in [-1, 1], on ``device``.
 
@@ -397,44 +438,38 @@ def sample(
     indices and the result is all-gathered, so every rank returns the same N images, equal to a
     single-process run with the same seed.
     """
+    assert config is not None  # set by @takes_config
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
     device = _resolve_device(model, device)
-    chw = infer_shape(model, shape)
-    plan_steps = 1 if sampler == "x0" else len(schedule.timesteps(num_inference_steps, timestep_spacing))
+    chw = infer_shape(model, config.shape)
+    config = config.replace(shape=chw)
+    batch_size = config.batch_size
     from .progress import progress_bar
 
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
         model.eval()
     try:
-        with torch.inference_mode(), progress_bar(progress, num_samples, plan_steps, batch_size) as bar:
+        with torch.inference_mode(), progress_bar(
+            progress, num_samples, plan_steps(schedule, config), batch_size
+        ) as bar:  # fmt: skip
             if generator is not None:
                 if batch_size is not None and batch_size < num_samples:
                     raise ValueError(
                         "generator mode draws noise for the whole batch at each step, as DDPMPipeline does; "
                         "use batch_size=None (or >= num_samples), or seed mode for batched sampling"
                     )
-                plan = make_plan(
-                    schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output
-                )
-                return _generator_mode(model, schedule, num_samples, plan, generator, device, dtype, chw, backend, bar)
+                _want_graphs(config, device, generator)  # refuses cuda_graph='on'
+                plan = plan_for(schedule, config, device)
+                return _generator_mode(model, schedule, num_samples, plan, generator, device, config, chw, bar)
             from .distributed import gather_samples, rank_range
 
             align = batch_size or 1  # rank boundaries on batch boundaries: bit-identical to one process
             start, stop = rank_range(num_samples, align=align)
             parts = []
             t0 = time.perf_counter()
-            for _, images in iter_batches(
-                model, schedule, start, stop, num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
-                use_clipped_model_output=use_clipped_model_output,
-                timestep_spacing=timestep_spacing, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                cuda_graph=cuda_graph, shape=chw, steps_per_graph=steps_per_graph, backend=backend, progress=bar,
-            ):  # fmt: skip
+            for _, images in iter_batches(model, schedule, start, stop, device=device, progress=bar, config=config):
                 parts.append(images)
                 if bar is not None:
                     bar.set_postfix(images=f"{sum(p.shape[0] for p in parts)}/{stop - start}",

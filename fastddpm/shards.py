@@ -4,13 +4,19 @@ The N global sample indices are cut into fixed-size shards: shard ``k`` holds ``
 Noise is keyed by global sample index, so a shard's images do not depend on which rank draws it or how
 many ranks there are. Shards live in ``<out>.shards/`` next to the output::
 
-    manifest.json        the sampling config the shards belong to (and, once merged, the output's sha256)
+    manifest.json        the run the shards belong to: the whole SamplingConfig, image count, shard size,
+                         model and schedule (and, once merged, the output's sha256)
     shard-000000.npy     uint8 [count, H, W, C]: global samples [0, S)
-    shard-000000.json    {"shard", "start", "stop", "count", "shape", "sha256"} (sha256 of the array bytes)
+    shard-000000.json    {"shard", "start", "stop", "count", "shape", "sha256", "config_sha256"}
+                         (sha256 of the array bytes; config_sha256 of the manifest's config)
     ...
 
-A run (1) has rank 0 check ``manifest.json`` against this run's config (a mismatch is an error: shards of
-different configs are never mixed) or write it, (2) has every rank verify a share of the shards (record,
+Temp files are named ``.<file>.<host>.<pid>.tmp``: a run removes only temp files of its own host whose
+process is gone, never those of a live run writing to the same folder.
+
+A run (1) has rank 0 check ``manifest.json`` against this run's config (a mismatch is an error naming the
+differing fields: shards of different configs are never mixed; only the backend and CUDA-graph settings may
+change, as they do not change the images) or write it, (2) has every rank verify a share of the shards (record,
 count, shape, checksum), (3) deals the missing or corrupt shards round-robin to the ranks, which sample
 them and write each one atomically (temp file + rename; the array first, its record second), and (4) has
 rank 0 merge the shards in sample order into ``out``, verifying every checksum again on the way. A killed
@@ -20,10 +26,10 @@ regenerates exactly the shards that are missing or fail their checksum.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
+import socket
 import time
 import warnings
 import zipfile
@@ -36,10 +42,11 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .config import SamplingConfig, takes_config
 from .images import _atomic_write, make_grid, to_uint8_nhwc
 
 FORMAT = "fastddpm-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the whole SamplingConfig under "sampling"; config_sha256 in every record
 SHARD_SIZE_ENV = "FASTDDPM_SHARD_SIZE"
 BATCHES_PER_SHARD = 4  # default shard size, in batches: small enough that a killed rank loses little
 
@@ -100,36 +107,42 @@ def model_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def sampling_config(
-    model: Any,
-    schedule: Any,
-    *,
-    num_samples: int,
-    shard_size: int,
-    image_shape: tuple[int, int, int],
-    seed: int,
-    num_inference_steps: int | None,
-    sampler: str,
-    eta: float,
-    timestep_spacing: str | None,
-    dtype: torch.dtype | None,
+def run_config(
+    model: Any, schedule: Any, config: SamplingConfig, *, num_samples: int, shard_size: int
 ) -> dict[str, Any]:
-    """Everything that decides the images of a shard: the config ``manifest.json`` records and compares."""
+    """The run ``manifest.json`` records: ``config`` whole (``"sampling"``), the image count, the shard size,
+    the weights' fingerprint and the schedule.
+
+    A resume compares all of it but :data:`EXECUTION_FIELDS` (see :func:`compared`).
+    """
     return _jsonable(
         {
+            "sampling": config.to_dict(),
             "num_samples": num_samples,
             "shard_size": shard_size,
-            "image_shape": list(image_shape),
-            "seed": seed,
-            "steps": num_inference_steps,
-            "sampler": sampler,
-            "eta": float(eta),
-            "spacing": timestep_spacing,
-            "dtype": str(dtype or torch.float32).removeprefix("torch."),
             "model_sha256": model_fingerprint(model),
             "schedule": schedule.to_dict(),
         }
     )
+
+
+# How a run executes, not what it draws: the product guarantees the same images whatever the fused backend
+# and with or without CUDA graphs (tests hold these bit-exact), so a resume may change them.
+EXECUTION_FIELDS = ("backend", "cuda_graph", "steps_per_graph")
+
+
+def compared(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config without its :data:`EXECUTION_FIELDS`: what must match for shards to be mixed."""
+    config = _jsonable(config)
+    sampling = config.get("sampling")
+    if isinstance(sampling, dict):
+        config["sampling"] = {k: v for k, v in sampling.items() if k not in EXECUTION_FIELDS}
+    return config
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """sha256 of a run config's compared part, canonical JSON (stored in every shard record)."""
+    return hashlib.sha256(json.dumps(compared(config), sort_keys=True).encode()).hexdigest()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -158,9 +171,13 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
 # ---------------------------------------------------------------------------------- the folder
 @dataclass
 class ShardFolder:
-    """A ``<out>.shards`` folder: the manifest, shard arrays and their records."""
+    """A ``<out>.shards`` folder: the manifest, shard arrays and their records.
+
+    ``config_sha256`` (set by :meth:`prepare`) is written into every record and checked when a shard is read.
+    """
 
     path: Path
+    config_sha256: str | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -172,32 +189,29 @@ class ShardFolder:
     def record_path(self, k: int) -> Path:
         return self.path / f"shard-{k:06d}.json"
 
-    def prepare(self, config: dict[str, Any], info: dict[str, Any]) -> bool:
+    def prepare(self, config: dict[str, Any], info: dict[str, Any], log: Callable[[str], None] | None = None) -> bool:
         """Create the folder and manifest, or check an existing manifest against ``config``.
 
         Run by one process (rank 0) before any shard is written. Returns ``True`` when resuming an
-        existing folder. Raises ``ValueError`` (with what to do) when the folder belongs to another
-        config, its manifest is unreadable, or it is not a shard folder at all.
+        existing folder. Raises ``ValueError`` (naming the bad file and what to do) when the folder belongs
+        to another config, its manifest is unreadable, or it holds files that are not shards of this run.
+        A folder whose manifest is gone but whose shard records all name this config gets a new manifest.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob(".shard-*.tmp"):  # temp files of a killed run
-            stale.unlink(missing_ok=True)
-        for stale in self.path.glob(".manifest.json.*.tmp"):
-            stale.unlink(missing_ok=True)
+        self.config_sha256 = config_sha256(config)
+        remove_dead_temps(self.path)
         fresh = f"delete {self.path} (or choose another --out) to start fresh"
         if self.manifest_path.exists():
-            try:
-                stored = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-                raise ValueError(f"{self.manifest_path} is unreadable ({e}); {fresh}") from None
-            if not isinstance(stored, dict) or stored.get("format") != FORMAT:
-                raise ValueError(f"{self.manifest_path} is not a {FORMAT} manifest; {fresh}")
+            stored = self._read_manifest()
             if stored.get("version") != FORMAT_VERSION:
                 raise ValueError(
                     f"{self.path} was written by shard format version {stored.get('version')!r}, this is "
                     f"version {FORMAT_VERSION}; {fresh}"
                 )
-            diffs = config_differences(stored.get("config", {}), config)
+            stored_config = stored.get("config")
+            diffs = config_differences(
+                compared(stored_config if isinstance(stored_config, dict) else {}), compared(config)
+            )
             if diffs:
                 raise ValueError(
                     f"{self.path} holds shards of a different sampling config, which must not be mixed:\n  "
@@ -205,20 +219,58 @@ class ShardFolder:
                     + f"\nRerun with the original settings to resume, or {fresh}."
                 )
             return True
-        others = sorted(p.name for p in self.path.iterdir())
+        shards, others = [], []
+        for p in sorted(self.path.iterdir()):
+            (shards if p.name.startswith("shard-") and p.suffix in (".npy", ".json") else others).append(p.name)
+        others = [n for n in others if not (n.startswith(".") and n.endswith(".tmp"))]  # a live run's temps
         if others:
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise ValueError(f"{self.path} exists but has no manifest.json (it holds {shown}); {fresh}")
+            raise ValueError(f"{self.path} has no manifest.json and holds files that are not shards ({shown}); {fresh}")
+        foreign = [
+            n for n in shards if n.endswith(".json") and self._record_config(self.path / n) != self.config_sha256
+        ]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ValueError(
+                f"{self.path} has no manifest.json, and the shard records {shown} do not name this run's config "
+                f"(config_sha256 {self.config_sha256[:12]}...): they were drawn with other settings. Rerun with "
+                f"those settings, delete those shard files, or choose another --out"
+            )
         self._write_manifest({"format": FORMAT, "version": FORMAT_VERSION, "config": _jsonable(config), "info": info})
-        return False
+        if shards and log is not None:
+            log(f"{self.manifest_path} was missing; rebuilt it: the shard records there name this run's config")
+        return bool(shards)
+
+    def _read_manifest(self) -> dict[str, Any]:
+        """The manifest as a dict; a damaged one raises with the file named and a recovery that keeps the shards."""
+        recover = (
+            f"The shards next to it are untouched (each carries its own checksum and config_sha256). To recover, "
+            f"move the manifest away (mv {self.manifest_path} {self.manifest_path}.bad) and rerun the original "
+            "command: a new manifest is written and every intact shard drawn with that config is reused"
+        )
+        try:
+            stored = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise ValueError(f"{self.manifest_path} is unreadable ({e}). {recover}") from None
+        if not isinstance(stored, dict) or stored.get("format") != FORMAT:
+            raise ValueError(f"{self.manifest_path} is not a {FORMAT} manifest. {recover}")
+        return stored
+
+    @staticmethod
+    def _record_config(path: Path) -> str | None:
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return None
+        return rec.get("config_sha256") if isinstance(rec, dict) else None
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-        _atomic_write(self.manifest_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_owned(self.manifest_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def record_output(self, out: Path, sha256: str, count: int) -> None:
         """Note the merged output (path, image count, sha256 of its array bytes) in the manifest."""
-        manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        manifest = self._read_manifest()
         manifest["output"] = {"path": str(out), "count": count, "sha256": sha256}
         self._write_manifest(manifest)
 
@@ -250,6 +302,8 @@ class ShardFolder:
         want = {"shard": k, "start": start, "stop": stop, "count": stop - start, "shape": shape}
         if not isinstance(rec, dict) or any(rec.get(key) != v for key, v in want.items()):
             return None, "corrupt (record does not match this shard)"
+        if self.config_sha256 is not None and rec.get("config_sha256") != self.config_sha256:
+            return None, "drawn with another config (config_sha256 differs)"
         try:
             arr = np.load(arr_path, allow_pickle=False)
         except FileNotFoundError:
@@ -270,11 +324,63 @@ class ShardFolder:
     def write(self, k: int, start: int, arr: np.ndarray) -> None:
         """Write shard ``k`` (uint8 ``[count, H, W, C]`` starting at global index ``start``) atomically."""
         arr = np.ascontiguousarray(arr)
-        _atomic_write(self.array_path(k), lambda tmp: _save_npy(tmp, arr))
+        atomic_write_owned(self.array_path(k), lambda tmp: _save_npy(tmp, arr))
         rec = {"shard": k, "start": start, "stop": start + arr.shape[0], "count": int(arr.shape[0]),
-               "shape": list(arr.shape), "dtype": "uint8", "sha256": _sha256(arr)}  # fmt: skip
+               "shape": list(arr.shape), "dtype": "uint8", "sha256": _sha256(arr),
+               "config_sha256": self.config_sha256}  # fmt: skip
         text = json.dumps(rec, sort_keys=True) + "\n"
-        _atomic_write(self.record_path(k), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_owned(self.record_path(k), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------- owned temp files
+def _host() -> str:
+    """This machine's name as it appears in temp file names (no dots: they separate the name's parts)."""
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname()) or "host"
+
+
+def temp_name(path: Path, pid: int | None = None) -> Path:
+    """The temp file a process writes ``path`` through: ``.<name>.<host>.<pid>.tmp`` in the same folder."""
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid() if pid is None else pid}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_dead_temps(folder: Path) -> list[Path]:
+    """Remove ``.<name>.<host>.<pid>.tmp`` files of this host whose process is gone; returns them.
+
+    Temp files of live processes (another run writing to the same folder) and of other hosts (a shared
+    filesystem; their liveness cannot be checked from here) are left alone.
+    """
+    removed = []
+    host = _host()
+    for p in folder.glob(".*.tmp"):
+        parts = p.name[: -len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid != os.getpid() and not _pid_alive(pid):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def atomic_write_owned(path: Path, write: Callable[[str], Any]) -> None:
+    """Write ``path`` through :func:`temp_name` (this process's own temp file), then rename over ``path``."""
+    tmp = temp_name(path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _bytes(arr: np.ndarray) -> memoryview:
@@ -330,6 +436,7 @@ class ShardedResult:
     sha256: str | None = None
 
 
+@takes_config
 def sample_sharded(
     model: Callable[..., Any],
     schedule: Any,
@@ -341,69 +448,75 @@ def sample_sharded(
     num_inference_steps: int | None = None,
     sampler: str = "ddpm",
     eta: float = 0.0,
+    use_clipped_model_output: bool = False,
     timestep_spacing: str | None = "leading",
     seed: int = 0,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     cuda_graph: Any = "auto",
+    steps_per_graph: int = 1,
     backend: str = "auto",
     shape: tuple[int, int, int] | None = None,
+    solver_order: int | None = None,
+    use_karras_sigmas: bool = False,
+    lower_order_final: bool = True,
+    final_sigmas_type: str = "zero",
     progress: bool = True,
     info: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    config: SamplingConfig | None = None,
 ) -> ShardedResult:
     """Sample ``num_samples`` images into ``out`` (``.npz`` of uint8 NHWC, or a ``.png`` grid) through shards.
 
     Call it on every rank of an initialised ``torch.distributed`` job (or in one process without one):
     ranks draw disjoint shards of global sample indices, written to ``<out>.shards/``; rank 0 merges them
     in sample order. Rerunning with the same arguments skips intact shards and redraws missing or corrupt
-    ones. The images equal ``to_uint8_nhwc(sample(model, schedule, num_samples, seed=seed, ...))`` of one
-    process; bit for bit when ``shard_size`` is a multiple of ``batch_size`` (batches then start at the
-    same global indices as in one process with that ``batch_size``).
+    ones. The images equal ``to_uint8_nhwc(sample(model, schedule, num_samples, config=config))`` of one
+    process; bit for bit when ``shard_size`` is a multiple of the batch size (batches then start at the
+    same global indices as in one process with that batch size).
 
     Args:
         shard_size: images per shard (default env ``FASTDDPM_SHARD_SIZE``, else 4 batches).
-        batch_size: images per model batch (default ``min(num_samples, 256)``).
         info: extra JSON-able provenance for the manifest (not compared on resume).
         log: where rank 0 reports resumption (e.g. ``print``); silent by default.
-        Other arguments are those of :func:`fastddpm.sample` (seed mode).
+        config: the run options whole (:class:`~fastddpm.SamplingConfig`), or the same keywords as
+            :func:`fastddpm.sample` (seed mode; the batch size defaults to ``min(num_samples, 256)``).
+            The manifest records it whole: resuming with any field changed is refused.
     Returns:
         a :class:`ShardedResult`; every rank returns after its shards are written, rank 0 after the merge.
     """
     from .progress import progress_bar
-    from .sampling import _resolve_device, infer_shape, iter_batches
+    from .sampling import _resolve_device, infer_shape, plan_steps
 
+    assert config is not None  # set by @takes_config
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     out = Path(out)
     if out.suffix.lower() not in (".npz", ".png"):
         raise ValueError(f"out must end in .npz or .png, got {str(out)!r}")
     rank, ws = D.world()
     device = _resolve_device(model, device)
-    chw = infer_shape(model, shape)
+    chw = infer_shape(model, config.shape)
     hwc = (chw[1], chw[2], chw[0])
-    batch = batch_size or min(num_samples, 256)
+    config = config.replace(shape=chw, batch_size=config.batch_size or min(num_samples, 256))
+    batch = config.batch_size
     shard_size = resolve_shard_size(shard_size, batch)
     ranges = shard_ranges(num_samples, shard_size)
     folder = ShardFolder(shard_folder(out))
     say = log if (log is not None and rank == 0) else (lambda _msg: None)
+    run = run_config(model, schedule, config, num_samples=num_samples, shard_size=shard_size)
 
     # 1. Rank 0 checks or writes the manifest; a refusal is raised on every rank (none waits forever).
     error = None
     if rank == 0:
-        meta = {"world_size": ws, "device": device.type, "backend": backend, "batch_size": batch,
-                "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}  # fmt: skip
+        meta = {"world_size": ws, "device": device.type, "torch": torch.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}  # fmt: skip
         try:
-            config = sampling_config(
-                model, schedule, num_samples=num_samples, shard_size=shard_size, image_shape=chw, seed=seed,
-                num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
-                timestep_spacing=timestep_spacing, dtype=dtype,
-            )  # fmt: skip
-            folder.prepare(config, _jsonable(meta))
+            folder.prepare(run, _jsonable(meta), say)
         except (ValueError, TypeError, OSError) as e:
             error = str(e)
+    else:
+        folder.config_sha256 = config_sha256(run)
     error = D.broadcast_object(error)
     if error is not None:
         raise ValueError(error if rank == 0 else f"rank 0 refused {folder.path} (see its message)")
@@ -432,22 +545,23 @@ def sample_sharded(
                 say(f"  shard {k} [{ranges[k][0]}, {ranges[k][1]}): {why}; redrawing it")
 
     # 3. Draw this rank's share, one atomic shard at a time.
+    from . import sampling
+
     mine = assign_shards(list(regenerate), rank, ws)
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
         model.eval()
-    steps = 1 if sampler == "x0" else len(schedule.timesteps(num_inference_steps, timestep_spacing))
     my_samples = sum(ranges[k][1] - ranges[k][0] for k in mine)
     try:
-        with torch.inference_mode(), progress_bar(progress and bool(mine), my_samples, steps, batch) as bar:
+        with torch.inference_mode(), progress_bar(
+            progress and bool(mine), my_samples, plan_steps(schedule, config), batch
+        ) as bar:  # fmt: skip
             for k in mine:
                 start, stop = ranges[k]
                 folder.discard(k)
-                batches = iter_batches(
-                    model, schedule, start, stop, num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
-                    timestep_spacing=timestep_spacing, batch_size=batch, seed=seed, device=device, dtype=dtype,
-                    cuda_graph=cuda_graph, shape=chw, backend=backend, progress=bar,
-                )  # fmt: skip
+                batches = sampling.iter_batches(
+                    model, schedule, start, stop, device=device, progress=bar, config=config
+                )
                 folder.write(k, start, np.concatenate([to_uint8_nhwc(images) for _, images in batches]))
     finally:
         if was_training:
@@ -477,41 +591,3 @@ def merge_shards(folder: ShardFolder, ranges: list[tuple[int, int]], hwc: tuple[
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     _atomic_write(out, lambda tmp: img.save(tmp, format="PNG"))
     return _sha256(arr)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def run_sharded_sample(args: argparse.Namespace, out: Path, device: torch.device) -> int:
-    """``fastddpm sample`` under torchrun: join the process group, sample through shards, merge on rank 0.
-
-    Creates the process group from the torchrun environment when none exists (NCCL on ``cuda:LOCAL_RANK``,
-    gloo on CPU) and destroys it at the end. Reads ``args.shard_size`` (if the parser has it), else env
-    ``FASTDDPM_SHARD_SIZE``.
-    """
-    from .cli import DTYPES, prepare_unet
-    from .registry import load_model
-    from .sampling import infer_shape
-
-    device, created = D.init_from_env(device)
-    try:
-        rank, ws = D.world()
-        model, schedule, desc = load_model(args.model, device)
-        model = prepare_unet(model, getattr(args, "compile", None))  # as `fastddpm sample` does: the same images
-        t0 = time.perf_counter()
-        res = sample_sharded(
-            model, schedule, out, args.num_samples, shard_size=getattr(args, "shard_size", None),
-            batch_size=args.batch_size, num_inference_steps=args.steps, sampler=args.sampler, eta=args.eta,
-            timestep_spacing=args.spacing, seed=args.seed, device=device, dtype=getattr(torch, DTYPES[args.dtype]),
-            cuda_graph=not args.no_cuda_graph and "auto", backend=args.backend, progress=not args.quiet,
-            info={"model": args.model}, log=print,
-        )  # fmt: skip
-        if rank == 0:
-            dt = time.perf_counter() - t0
-            steps = 1 if args.sampler == "x0" else (args.steps or schedule.num_train_timesteps)
-            c, h, w = infer_shape(model, None)
-            print(f"wrote {res.num_samples} images ({c}x{h}x{w}) to {out.resolve()} in {dt:.1f} s "
-                  f"[{desc}; {args.sampler}, {steps} steps, seed {args.seed}, {ws} x {device.type}; "
-                  f"{res.num_shards} shards of {res.shard_size} in {shard_folder(out)}, {res.reused} reused]")  # fmt: skip
-        return 0
-    finally:
-        if created:
-            D.destroy()

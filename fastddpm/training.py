@@ -38,6 +38,7 @@ from torch import nn
 from . import __version__
 from ._layout import STREAM_QSAMPLE
 from .data import load_dataset
+from .noise import check_seed
 from .ops import q_sample, randn
 from .schedule import LEARNED_VARIANCES, Schedule
 from .unet import PRESETS, UNet, UNetConfig
@@ -335,8 +336,7 @@ def train(
         _check_positive("save_every", save_every, integer=True, allow_zero=True)
     if not isinstance(ema_decay, (int, float)) or isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = check_seed(seed)
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} must be divisible by the number of ranks ({world})")
     device = _resolve_device(device, model, world)

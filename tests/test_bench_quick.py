@@ -391,3 +391,19 @@ def test_gpu_check_clears_only_fastddpm_build_locks(tmp_path):
 def test_gpu_check_pytest_selection_skips_compile_only_tests():
     k = gpu_check.PYTEST_K
     assert "not aot" in k and "not test_cuda_compile" in k and "not fullgraph" in k
+
+
+def test_rows_start_only_when_their_expected_setup_fits(tmp_path):
+    """A compiling row with less budget left than its expected compile time is not started (it would
+    outlive the budget and be killed); a cheap row after it still runs."""
+    cfg = _quick_cfg(compile_backend="eager", compile_reserve_s=1000.0, time_budget_s=120.0)
+    tasks = [H.Task(TINY, H.Row("B2")), H.Task(H.Case("step-only", 2), H.Row("K0"))]
+    got = _by_name(H.run_benchmark(cfg, tasks, None, log=None).rows)
+    need = H.expected_setup_s(H.Row("B2"), cfg)
+    assert need == 1000.0 * H.run.COMPILE_FACTOR["B2"] > 120.0
+    assert got["B2"]["status"] == "skipped" and f"~{need:.0f} s" in got["B2"]["reason"]
+    assert got["K0"]["status"] == "ok"
+    for kind in H.ROW_KINDS:  # every row kind has an estimate, larger on CPU than on CUDA
+        row = H.Row(kind)
+        gpu, cpu = H.default_config("cuda"), H.default_config("cpu")
+        assert 0 < H.expected_setup_s(row, gpu) <= H.expected_setup_s(row, cpu)

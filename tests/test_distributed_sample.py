@@ -25,6 +25,7 @@ import fastddpm
 from fastddpm import distributed as D
 from fastddpm import sampling
 from fastddpm.cli import build_parser, main
+from fastddpm.cli.sample import run_sharded_sample
 from fastddpm.images import to_uint8_nhwc
 from fastddpm.registry import load_model
 from fastddpm.schedule import Schedule
@@ -32,10 +33,11 @@ from fastddpm.shards import (
     ShardFolder,
     assign_shards,
     config_differences,
-    run_sharded_sample,
+    remove_dead_temps,
     sample_sharded,
     shard_folder,
     shard_ranges,
+    temp_name,
     write_npz_stream,
 )
 
@@ -207,13 +209,9 @@ def test_torchrun_cli_manifest_records_config_and_checksums(torchrun_cli):
     folder = ShardFolder(shard_folder(out))
     manifest = json.loads(folder.manifest_path.read_text())
     cfg = manifest["config"]
-    assert (cfg["num_samples"], cfg["shard_size"], cfg["seed"], cfg["steps"], cfg["sampler"]) == (
-        7,
-        3,
-        0,
-        STEPS,
-        "ddpm",
-    )
+    assert (cfg["num_samples"], cfg["shard_size"]) == (7, 3)
+    want = fastddpm.SamplingConfig(num_inference_steps=STEPS, batch_size=3, shape=(1, 8, 8))
+    assert fastddpm.SamplingConfig.from_dict(cfg["sampling"]) == want  # recorded whole
     assert manifest["info"]["world_size"] == 2
     assert manifest["output"]["sha256"] == hashlib.sha256(_npz(out).tobytes()).hexdigest()
     for k, (s, e) in enumerate(shard_ranges(7, 3)):
@@ -250,6 +248,11 @@ DRIVER = textwrap.dedent(
                    "--quiet", "--seed", "3", "--out", str(work / f"cli-{n}.npz")]
                   + (["--batch-size", str(batch)] if batch else []))
         assert rc == 0, rc
+    os.environ["FASTDDPM_SHARD_SIZE"] = "2"
+    rc = main(["sample", "--model", model_dir, "--steps", str(steps), "--num-samples", "5", "--device", "cpu",
+               "--quiet", "--batch-size", "2", "--sampler", "ddim", "--use-clipped-model-output",
+               "--out", str(work / "cli-clipped.npz")])
+    assert rc == 0, rc
     assert dist.is_initialized()
     dist.barrier()
     dist.destroy_process_group()
@@ -278,6 +281,18 @@ def test_sample_api_two_ranks_equals_one(torchrun_driver, model_dir, n, batch):
     assert torch.equal(got[0], got[1])  # every rank returns the full, same tensor
     # Rank boundaries fall on batch boundaries, so each rank runs the same batches as one process: bit-exact.
     assert torch.equal(got[0], ref)
+
+
+def test_use_clipped_model_output_reaches_the_torchrun_path(torchrun_driver, model_dir, tmp_path):
+    """Issue 10 item 3: the sharded path dropped --use-clipped-model-output. Under torchrun it must equal the
+    one-process run *with* the flag, and that must differ from the run without it (else this tests nothing)."""
+    with_flag, without = tmp_path / "with.npz", tmp_path / "without.npz"
+    assert main(_cli_args(model_dir, with_flag, 5, 2, "--sampler", "ddim", "--use-clipped-model-output")) == 0
+    assert main(_cli_args(model_dir, without, 5, 2, "--sampler", "ddim")) == 0
+    assert _npz(with_flag).tobytes() != _npz(without).tobytes()
+    _assert_same_bytes(_npz(torchrun_driver / "cli-clipped.npz"), _npz(with_flag))
+    manifest = json.loads(ShardFolder(shard_folder(torchrun_driver / "cli-clipped.npz")).manifest_path.read_text())
+    assert manifest["config"]["sampling"]["use_clipped_model_output"] is True
 
 
 @pytest.mark.parametrize(("n", "batch"), [(1, None), (5, 2)])
@@ -328,6 +343,13 @@ def draws(monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (reaped: no process has it until the kernel reuses it)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _stats(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("shard-*")}
 
@@ -367,8 +389,10 @@ DAMAGE = {
 def test_resume_redraws_only_the_damaged_shard(resumable, baseline, model_dir, draws, damage, k, capsys):
     folder = ShardFolder(shard_folder(resumable))
     DAMAGE[damage](folder, k)
-    stale_tmp = folder.path / ".shard-000002.npy.abc123.tmp"  # what a killed writer leaves behind
+    stale_tmp = temp_name(folder.array_path(2), pid=_dead_pid())  # what a killed writer leaves behind
     stale_tmp.write_bytes(b"partial")
+    live_tmp = temp_name(folder.array_path(3), pid=os.getppid())  # another live run writing to this folder
+    live_tmp.write_bytes(b"in progress")
     before = _stats(folder.path)
     assert _run(_sharded_args(model_dir, resumable)) == 0
     assert draws == [shard_ranges(7, 2)[k]]
@@ -376,6 +400,7 @@ def test_resume_redraws_only_the_damaged_shard(resumable, baseline, model_dir, d
     untouched = {name for name in before if not name.startswith(f"shard-{k:06d}.")}
     assert {name: after[name] for name in untouched} == {name: before[name] for name in untouched}
     assert not stale_tmp.exists()
+    assert live_tmp.read_bytes() == b"in progress"
     assert "3 of 4 shards intact" in capsys.readouterr().out
     _assert_same_bytes(_npz(resumable), _npz(baseline))
 
@@ -408,9 +433,11 @@ def test_killed_run_loses_only_its_current_shard(tmp_path, baseline, model_dir, 
 
 @pytest.mark.parametrize(
     ("extra", "shard_size", "field"),
-    [(["--seed", "1"], 2, "seed"), (["--steps", "4"], 2, "steps"), (["--sampler", "ddim"], 2, "sampler"),
-     (["--spacing", "trailing"], 2, "spacing"), (["--dtype", "bf16"], 2, "dtype"), ([], 3, "shard_size"),
-     (["--num-samples", "8"], 2, "num_samples")],
+    [(["--seed", "1"], 2, "sampling.seed"), (["--steps", "4"], 2, "sampling.num_inference_steps"),
+     (["--sampler", "ddim"], 2, "sampling.sampler"), (["--spacing", "trailing"], 2, "sampling.timestep_spacing"),
+     (["--dtype", "bf16"], 2, "sampling.dtype"),
+     (["--use-clipped-model-output", "--sampler", "ddim"], 2, "sampling.use_clipped_model_output"),
+     ([], 3, "shard_size"), (["--num-samples", "8"], 2, "num_samples")],
 )  # fmt: skip
 def test_config_mismatch_is_refused_and_touches_nothing(resumable, model_dir, draws, extra, shard_size, field):
     before = _stats(shard_folder(resumable))
@@ -420,6 +447,13 @@ def test_config_mismatch_is_refused_and_touches_nothing(resumable, model_dir, dr
     assert draws == []
     assert _stats(shard_folder(resumable)) == before
     assert not resumable.exists()
+
+
+def test_execution_choices_may_change_on_resume(resumable, baseline, model_dir, draws):
+    """Backend and CUDA graphs do not change the images (held bit-exact elsewhere): a resume may switch them."""
+    assert _run(_sharded_args(model_dir, resumable, "--backend", "reference", "--no-cuda-graph")) == 0
+    assert draws == []
+    _assert_same_bytes(_npz(resumable), _npz(baseline))
 
 
 def test_other_weights_are_refused(resumable, model_dir, tmp_path):
@@ -438,13 +472,48 @@ def test_moved_checkpoint_still_resumes(resumable, model_dir, tmp_path, draws):
     assert draws == []
 
 
-@pytest.mark.parametrize("content", ["stray.txt", "manifest.json"])
-def test_foreign_or_broken_folder_is_refused(tmp_path, model_dir, content):
+def test_foreign_folder_is_refused(tmp_path, model_dir):
     out = tmp_path / "samples.npz"
     shard_folder(out).mkdir()
-    (shard_folder(out) / content).write_text("not a manifest {")
-    with pytest.raises(ValueError, match="start fresh"):
+    (shard_folder(out) / "stray.txt").write_text("not a shard")
+    with pytest.raises(ValueError, match="stray.txt[\\s\\S]*start fresh"):
         _run(_sharded_args(model_dir, out))
+
+
+@pytest.mark.parametrize("garbage", ["not a manifest {", "[1, 2]", '{"format": "other"}'])
+def test_garbage_manifest_names_the_file_and_keeps_the_shards(resumable, model_dir, draws, garbage):
+    """The message names the bad file and a recovery that reuses the intact shards (never "delete the folder");
+    following it resumes with nothing redrawn."""
+    folder = ShardFolder(shard_folder(resumable))
+    folder.manifest_path.write_text(garbage)
+    before = _stats(folder.path)
+    with pytest.raises(ValueError) as info:
+        _run(_sharded_args(model_dir, resumable))
+    msg = str(info.value)
+    assert str(folder.manifest_path) in msg and "mv " in msg and "delete" not in msg
+    assert _stats(folder.path) == before and draws == []
+    folder.manifest_path.rename(folder.path.parent / "manifest.bad")  # what the message says to do
+    assert _run(_sharded_args(model_dir, resumable)) == 0
+    assert draws == []  # every shard reused
+    assert json.loads(folder.manifest_path.read_text())["format"] == "fastddpm-shards"
+
+
+def test_manifestless_shards_of_another_config_are_refused(resumable, model_dir, draws):
+    folder = ShardFolder(shard_folder(resumable))
+    folder.manifest_path.unlink()
+    with pytest.raises(ValueError, match="shard-000000.json[\\s\\S]*other settings"):
+        _run(_sharded_args(model_dir, resumable, "--seed", "5"))
+    assert draws == [] and not folder.manifest_path.exists()
+
+
+def test_dead_temps_removed_live_and_foreign_kept(tmp_path):
+    target = tmp_path / "shard-000000.npy"
+    dead, live = temp_name(target, pid=_dead_pid()), temp_name(target, pid=os.getpid())
+    other_host = tmp_path / ".shard-000001.npy.some-other-host.1.tmp"
+    for p in (dead, live, other_host):
+        p.write_bytes(b"x")
+    assert remove_dead_temps(tmp_path) == [dead]
+    assert live.exists() and other_host.exists() and not dead.exists()
 
 
 def test_shard_size_from_env_and_default(tmp_path, model_dir, monkeypatch, draws):

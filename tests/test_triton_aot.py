@@ -68,3 +68,16 @@ def test_half_precision_accesses_are_vectorised(report):
         v = _variant(report, name)
         assert v["loads_8B"] + v["loads_16B"] >= 2, v
         assert v["stores_8B"] + v["stores_16B"] >= 1, v
+
+
+def test_groupnorm_two_sweep_path_compiles_for_64x64(report):
+    # channels-per-group x next_pow2(H*W) > one tile (8192): any 64x64 or larger model takes two sweeps.
+    gn = [v for v in report["variants"] if v["name"].startswith("group_norm/")]
+    two = {v["name"] for v in gn if v["two_sweep"]}
+    assert two == {v["name"] for v in gn if "/64x64/" in v["name"]}
+    assert {"group_norm/fp32/c128/64x64/add+silu", "group_norm/bf16/c128/64x64/add+silu/channels_last"} <= two
+    for v in gn:
+        assert v["ok"] and v["block_c"] * v["block_s"] <= 8192, v
+    # the channels_last bf16 two-sweep variant still reads with vector loads
+    v = _variant(report, "group_norm/bf16/c128/64x64/add+silu/channels_last")
+    assert v["loads_8B"] + v["loads_16B"] >= 1, v

@@ -140,7 +140,9 @@ def ptx_memory_ops(ptx: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _variants() -> list[tuple[str, Callable[[], None]]]:
+def _variants() -> list[tuple[str, Callable[[], None], dict]]:
+    """``(name, launch, facts)`` per variant; ``facts`` are recorded in the report (e.g. which GroupNorm
+    path the shape takes: ``two_sweep`` when channels-per-group x next_pow2(H*W) exceeds one tile)."""
     import torch
     from fastddpm.kernels import groupnorm
 
@@ -187,6 +189,9 @@ def _variants() -> list[tuple[str, Callable[[], None]]]:
         return go
 
     def group_norm(dtype, c, hw, add, silu, channels_last=False):
+        block_c, block_s, _ = groupnorm._launch_config(c // 32, hw * hw)
+        facts = dict(two_sweep=hw * hw > block_s, block_c=block_c, block_s=block_s)
+
         def go():
             x = torch.randn(2, c, hw, hw).to(dtype)
             if channels_last:
@@ -195,26 +200,38 @@ def _variants() -> list[tuple[str, Callable[[], None]]]:
             e = torch.randn(2, c) if add else None
             groupnorm.group_norm_silu(x, w, b, 32, 1e-6, add=e, silu=silu)
 
-        return go
+        return go, facts
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    out = []
+    out: list[tuple[str, Callable[[], None], dict]] = []
     for dt, name in ((f32, "fp32"), (bf16, "bf16"), (f16, "fp16")):
-        out.append((f"step/{name}/range/fixed/philox", step(dt, L.CLIP_RANGE, L.VAR_FIXED, L.NOISE_PHILOX)))
+        out.append((f"step/{name}/range/fixed/philox", step(dt, L.CLIP_RANGE, L.VAR_FIXED, L.NOISE_PHILOX), {}))
     out += [
-        ("step/fp32/none/learned/tensor", step(f32, L.CLIP_NONE, L.VAR_LEARNED, L.NOISE_TENSOR)),
-        ("step/bf16/threshold/learned/philox", step(bf16, L.CLIP_THRESHOLD, L.VAR_LEARNED, L.NOISE_PHILOX)),
-        ("step/fp32/range/fixed/none", step(f32, L.CLIP_RANGE, L.VAR_FIXED, L.NOISE_NONE, write_x0=False)),
-        ("step/fp32/x0_only", step(f32, L.CLIP_RANGE, L.VAR_FIXED, L.NOISE_NONE, x0_only=True, write_x0=False)),
-        ("q_sample/fp32/philox", q_sample(f32, L.NOISE_PHILOX)),
-        ("q_sample/bf16/tensor", q_sample(bf16, L.NOISE_TENSOR)),
-        ("randn/fp32/step", randn(f32, L.STREAM_STEP)),
-        ("randn/bf16/init", randn(bf16, L.STREAM_INIT)),
-        ("group_norm/fp32/c128/32x32/add+silu", group_norm(f32, 128, 32, True, True)),
-        ("group_norm/bf16/c256/8x8/silu", group_norm(bf16, 256, 8, False, True)),
-        ("group_norm/fp16/c512/4x4/plain", group_norm(f16, 512, 4, False, False)),
-        ("group_norm/bf16/c128/32x32/add+silu/channels_last", group_norm(bf16, 128, 32, True, True, True)),
+        (name, go, {})
+        for name, go in [
+            ("step/fp32/none/learned/tensor", step(f32, L.CLIP_NONE, L.VAR_LEARNED, L.NOISE_TENSOR)),
+            ("step/bf16/threshold/learned/philox", step(bf16, L.CLIP_THRESHOLD, L.VAR_LEARNED, L.NOISE_PHILOX)),
+            ("step/fp32/range/fixed/none", step(f32, L.CLIP_RANGE, L.VAR_FIXED, L.NOISE_NONE, write_x0=False)),
+            ("step/fp32/x0_only", step(f32, L.CLIP_RANGE, L.VAR_FIXED, L.NOISE_NONE, x0_only=True, write_x0=False)),
+            ("q_sample/fp32/philox", q_sample(f32, L.NOISE_PHILOX)),
+            ("q_sample/bf16/tensor", q_sample(bf16, L.NOISE_TENSOR)),
+            ("randn/fp32/step", randn(f32, L.STREAM_STEP)),
+            ("randn/bf16/init", randn(bf16, L.STREAM_INIT)),
+        ]
     ]
+    # The U-Net's GroupNorms: one-tile shapes (32x32 and smaller) and, from 64x64 up (any 64x64 or larger
+    # model), the two-sweep path; both layouts and every dtype.
+    for name, args in [
+        ("group_norm/fp32/c128/32x32/add+silu", (f32, 128, 32, True, True)),
+        ("group_norm/bf16/c256/8x8/silu", (bf16, 256, 8, False, True)),
+        ("group_norm/fp16/c512/4x4/plain", (f16, 512, 4, False, False)),
+        ("group_norm/bf16/c128/32x32/add+silu/channels_last", (bf16, 128, 32, True, True, True)),
+        ("group_norm/fp32/c128/64x64/add+silu", (f32, 128, 64, True, True)),
+        ("group_norm/bf16/c128/64x64/add+silu/channels_last", (bf16, 128, 64, True, True, True)),
+        ("group_norm/fp16/c256/64x64/silu", (f16, 256, 64, False, True)),
+    ]:
+        go, facts = group_norm(*args)
+        out.append((name, go, facts))
     return out
 
 
@@ -241,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(triton=triton.__version__, variants=[])
     failed = 0
     for arch in args.arch or [90, 80]:
-        for name, go in _variants():
+        for name, go, facts in _variants():
             if args.only and args.only not in name:
                 continue
             t0 = time.perf_counter()
-            entry = dict(name=name, arch=arch)
+            entry = dict(name=name, arch=arch, **facts)
             try:
                 with CompileOnly(arch) as ctx:
                     go()

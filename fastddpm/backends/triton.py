@@ -20,7 +20,7 @@ import torch
 
 from .. import _layout as L
 
-__all__ = ["available", "q_sample", "randn", "step"]
+__all__ = ["available", "q_sample", "randn", "step", "triton_compiles_for_cuda"]
 
 _MAX_GRID_Y = 65535  # CUDA limit of gridDim.y; larger batches are split into several launches
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,6 +56,24 @@ def _interpreted(kernel: object) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def triton_compiles_for_cuda(kernel: object | None = None) -> bool:
+    """Whether Triton kernels compile for the GPU here, i.e. were not built by the interpreter.
+
+    ``TRITON_INTERPRET=1`` in the environment when triton is first imported makes every
+    ``@triton.jit`` function an interpreted one; launched on CUDA tensors it still runs, slowly, in
+    numpy on the host. Every Triton path that decides "CUDA tensor -> Triton kernel" (the step
+    backend here, the fused GroupNorm) asks this first and treats ``False`` as "not available on
+    CUDA". ``kernel``: the ``@triton.jit`` function to ask about (default: the step kernel); ``False``
+    when triton is not importable.
+    """
+    try:
+        if kernel is None:
+            kernel = _kernels().step
+    except Exception:  # ImportError, or a triton that fails to initialise
+        return False
+    return not _interpreted(kernel)
+
+
 def available(device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether the Triton kernels can run here, and if not, why.
 
@@ -63,7 +81,9 @@ def available(device: torch.device | str | None = None) -> tuple[bool, str]:
         device: the device of the tensors to be processed. ``None`` asks whether the backend
             can run on any device of this machine (a CUDA GPU, or CPU through the interpreter).
     Returns:
-        ``(ok, reason)``; ``reason`` says what was found or what is missing.
+        ``(ok, reason)``; ``reason`` says what was found or what is missing. Kernels built by the
+        interpreter (``TRITON_INTERPRET=1``) run on CPU tensors only: CUDA is then reported
+        unavailable (they would run interpreted, on the host, on CUDA tensors).
     """
     try:
         k = _kernels()
@@ -80,6 +100,11 @@ def available(device: torch.device | str | None = None) -> tuple[bool, str]:
         )
     if dev is not None and dev.type != "cuda":
         return False, f"the triton backend runs on CUDA (or CPU via the interpreter), not on {dev.type}"
+    if interpreted:
+        return False, (
+            "TRITON_INTERPRET=1: the Triton kernels were built by the interpreter and would run on the host, "
+            "not compiled for the GPU (unset TRITON_INTERPRET before triton is first imported)"
+        )
     if not torch.cuda.is_available():
         return False, "no CUDA device is available and TRITON_INTERPRET is not set"
     return True, f"triton {k.triton.__version__} on {torch.cuda.get_device_name(dev)}"

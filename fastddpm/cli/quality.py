@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._argtypes import positive_int
+from .._argtypes import positive_int
 
 
 def _int_list(s: str) -> tuple[int, ...]:
@@ -23,7 +23,7 @@ def _int_list(s: str) -> tuple[int, ...]:
 
 
 def _samplers(s: str) -> tuple[str, ...]:
-    from .quality.run import SAMPLER_ORDER
+    from ..quality.run import SAMPLER_ORDER
 
     vals = tuple(v.strip() for v in s.split(",") if v.strip())
     bad = [v for v in vals if v not in SAMPLER_ORDER]
@@ -70,7 +70,7 @@ def add_quality_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~fastddpm.quality.run.QualityConfig` the arguments ask for (``--quick`` then overrides)."""
-    from .quality.run import QualityConfig
+    from ..quality.run import QualityConfig
 
     given = {
         "model": args.model, "steps": args.steps, "samplers": args.samplers, "eta": args.eta, "spacing": args.spacing,
@@ -90,8 +90,8 @@ def run_quality(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .quality.run import format_table
-    from .quality.run import run_quality as run
+    from ..quality.run import format_table
+    from ..quality.run import run_quality as run
 
     config = config_from_args(args)
     threads = torch.get_num_threads()
