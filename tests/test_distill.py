@@ -18,7 +18,7 @@ from test_training import assert_same_state, random_images, tiny_config
 from torch import nn
 
 from fastddpm import Schedule, UNet, ddim_step, q_sample, sample
-from fastddpm.cli_distill import add_parser, run
+from fastddpm.cli.distill import add_parser, run
 from fastddpm.distill_math import (
     distillation_target,
     predicted_x0,

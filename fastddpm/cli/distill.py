@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from ._argtypes import nonneg_int, positive_int
+from .._argtypes import nonneg_int, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``fastddpm distill`` from parsed arguments; returns the exit status."""
     import torch
 
-    from . import distributed
-    from .distillation import DISTILL_LOG_NAME, DISTILL_STATE_NAME, distill
+    from .. import distributed
+    from ..distillation import DISTILL_LOG_NAME, DISTILL_STATE_NAME, distill
 
     want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device, started = distributed.init_from_env(torch.device(want))
