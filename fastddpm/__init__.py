@@ -9,6 +9,7 @@ Public API::
     load                          (UNet, Schedule) by name: "digits", a checkpoint dir, a cached Hub id
     sample                        the sampling loop (CUDA graphs on GPU)
     train                         the training loop
+    distill                       progressive distillation to few-step students
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "load",
     "sample",
     "train",
+    "distill",
 ]
 
 
@@ -55,4 +57,8 @@ def __getattr__(name: str):
         from .training import train
 
         return train
+    if name == "distill":  # the module is fastddpm.distillation: a submodule named distill would shadow this
+        from .distillation import distill
+
+        return distill
     raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")
