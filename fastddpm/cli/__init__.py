@@ -11,6 +11,7 @@ import os
 import sys
 
 from .bench import add_bench_parser
+from .distill import add_parser as add_distill_parser
 from .info import add_info_parser
 from .quality import add_quality_parser
 from .sample import add_sample_parser
@@ -22,7 +23,14 @@ __all__ = ["main", "build_parser", "add_sample_parser"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastddpm", description="Fast, reproducible DDPM sampling and training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (add_sample_parser, add_train_parser, add_bench_parser, add_quality_parser, add_info_parser):
+    for add in (
+        add_sample_parser,
+        add_train_parser,
+        add_distill_parser,
+        add_bench_parser,
+        add_quality_parser,
+        add_info_parser,
+    ):
         add(sub)
     return parser
 
