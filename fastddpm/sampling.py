@@ -21,19 +21,16 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import _layout as L
-from .coefficients import ddim_coefficients, ddpm_coefficients
-from .dispatch import backend_module, resolve_backend
-from .ops import _clip_mode, _split_model_output
-from .reference import dynamic_threshold
-from .schedule import LEARNED_VARIANCES, Schedule
+from .dispatch import resolve_backend
+from .driver import SAMPLERS, Stepper, StepPlan, make_plan
+from .schedule import Schedule
 
-SAMPLERS = ("ddpm", "ddim", "x0")
+__all__ = ["SAMPLERS", "NonFiniteSampleError", "StepPlan", "Trajectory", "make_plan", "sample", "iter_batches"]
 
 
 class NonFiniteSampleError(FloatingPointError):
@@ -75,61 +72,14 @@ def infer_shape(model: Any, shape: tuple[int, ...] | None) -> tuple[int, int, in
     raise ValueError("cannot tell the sample shape from this model: pass shape=(C, H, W)")
 
 
-@dataclass
-class StepPlan:
-    """A trajectory's timesteps and coefficients, resident on the sampling device.
-
-    ``pairs`` is the host copy of ``[S, 2]`` (t, prev_t); ``coef`` ``[S, NCOEF]`` float32, ``tval`` ``[S]``
-    int64 (t of each step) live on the device; kernels index them with the device step counter.
-    """
-
-    sampler: str
-    pairs: torch.Tensor
-    coef: torch.Tensor
-    tval: torch.Tensor
-    noise_mode: int
-
-    @property
-    def num_steps(self) -> int:
-        return self.pairs.shape[0]
-
-
-def make_plan(
-    schedule: Schedule,
-    sampler: str,
-    num_inference_steps: int | None,
-    timestep_spacing: str | None,
-    eta: float,
-    device: torch.device,
-    use_clipped_model_output: bool = False,
-) -> StepPlan:
-    """Timesteps for ``sampler`` and their float32 coefficient rows (checked finite once, here)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
-    if sampler == "x0":  # one shot: x0 predicted from x_T at the first timestep, nothing after it
-        pairs = schedule.timesteps(num_inference_steps, timestep_spacing)[:1].clone()
-        pairs[0, 1] = -1
-    else:
-        pairs = schedule.timesteps(num_inference_steps, timestep_spacing, sampler=sampler)
-    t = pairs[:, 0].to(device)
-    prev = pairs[:, 1].to(device)
-    if sampler == "ddim":
-        coef = ddim_coefficients(
-            schedule, t, prev, eta=eta, use_clipped_model_output=use_clipped_model_output, check=True
-        )
-        noise_mode = L.NOISE_PHILOX if eta > 0 else L.NOISE_NONE
-    else:
-        coef = ddpm_coefficients(schedule, t, prev, check=True)
-        noise_mode = L.NOISE_PHILOX if sampler == "ddpm" else L.NOISE_NONE
-    return StepPlan(sampler, pairs, coef.contiguous(), t.contiguous(), noise_mode)
-
-
 class Trajectory:
-    """Runs one batch through every step of a :class:`StepPlan` with the fused update.
+    """Runs one batch through every step of a :class:`StepPlan`: the model call here, the fused update in
+    :class:`fastddpm.driver.Stepper` (the one step driver).
 
     All per-step state is on the device: ``x`` (float32 ``[B, C, H, W]``, updated in place), ``step``
-    (int64 ``[1]``), ``rng`` (int64 ``[2]`` = seed, sample offset) and ``first_bad`` (int64 ``[1]``, the
-    first step whose output was not finite, ``S`` if none). :meth:`step_once` is what a CUDA graph captures.
+    (int64 ``[1]``), ``rng`` (int64 ``[2]`` = seed, sample offset), ``first_bad`` (int64 ``[1]``, the
+    first step whose output was not finite, ``S`` if none) and, for the multistep solvers, the history.
+    :meth:`step_once` is what a CUDA graph captures.
     """
 
     def __init__(
@@ -146,14 +96,9 @@ class Trajectory:
         self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
         self.device, self.batch, self.shape = device, batch, shape
         self.autocast_dtype = dtype if dtype not in (None, torch.float32) else None
-        self.x = torch.zeros((batch, *shape), dtype=torch.float32, device=device)
-        self.x0 = torch.zeros_like(self.x) if plan.sampler == "x0" else None
-        self.step = torch.zeros(1, dtype=torch.int64, device=device)
-        self.rng = torch.zeros(2, dtype=torch.int64, device=device)
-        self.first_bad = torch.full((1,), plan.num_steps, dtype=torch.int64, device=device)
-        self.clip_mode = _clip_mode(schedule)
-        self.learned = schedule.variance_type in LEARNED_VARIANCES and plan.sampler == "ddpm"
-        self._launch = backend_module(backend).step
+        self.stepper = Stepper(plan, schedule, batch, shape, device, backend)
+        self.x, self.x0 = self.stepper.x, self.stepper.x0
+        self.step, self.rng, self.first_bad = self.stepper.step, self.stepper.rng, self.stepper.first_bad
         # Feed the model channels_last input when its weights are channels_last (cuDNN's fast layout on GPU).
         # (A conv weight with one input channel or a 1x1 kernel is both layouts at once: look past those.)
         first = next((p for p in getattr(model, "parameters", lambda: iter(()))()
@@ -175,40 +120,10 @@ class Trajectory:
 
     def step_once(self, noise: torch.Tensor | None = None) -> None:
         """x <- step(x) for the step at ``self.step``; then ``step += 1``. No host sync."""
-        out = self.model_output()
-        b, plan = self.batch, self.plan
-        m, v = _split_model_output(out, self.x, self.schedule, learned_needed=self.learned)
-        x2 = self.x.view(b, -1)
-        m2 = m.reshape(b, -1)
-        v2 = v.reshape(b, -1) if v is not None else None
-        rows = self.step.expand(b)
-        noise_mode = plan.noise_mode if noise is None else L.NOISE_TENSOR
-        n2 = noise.reshape(b, -1) if noise is not None else None
-        thresh = None
-        if self.clip_mode == L.CLIP_THRESHOLD:
-            x0 = torch.empty_like(x2)
-            self._run(x2, m2, None, None, None, x0, rows, None, L.CLIP_NONE, L.VAR_FIXED, L.NOISE_NONE, True)
-            thresh = dynamic_threshold(x0, self.schedule.dynamic_thresholding_ratio, self.schedule.sample_max_value)
-        x0_out = self.x0.view(b, -1) if self.x0 is not None else None
-        var_mode = L.VAR_LEARNED if v2 is not None else L.VAR_FIXED
-        self._run(x2, m2, v2, n2, x2, x0_out, rows, thresh, self.clip_mode, var_mode, noise_mode, False)
-        bad = ~torch.isfinite(x2).all()
-        self.first_bad.copy_(torch.where(bad & (self.first_bad == plan.num_steps), self.step, self.first_bad))
-        self.step.add_(1)
-
-    def _run(self, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only):
-        self._launch(
-            x2, m2, v2, n2, None if x0_only else prev, x0_out, self.plan.coef, self.plan.tval, rows, thresh,
-            self.rng, clip_mode=clip_mode, clip_range=float(self.schedule.clip_sample_range),
-            var_mode=var_mode, noise_mode=noise_mode, x0_only=x0_only,
-        )  # fmt: skip
+        self.stepper.advance(self.model_output(), noise)
 
     def reset(self, x_init: torch.Tensor, seed: int, sample_offset: int) -> None:
-        self.x.copy_(x_init)
-        self.step.zero_()
-        self.first_bad.fill_(self.plan.num_steps)
-        signed = seed - (1 << 64) if seed >= (1 << 63) else seed
-        self.rng.copy_(torch.tensor([signed, sample_offset], dtype=torch.int64))
+        self.stepper.reset(x_init, seed, sample_offset)
 
     def check_finite(self) -> None:
         bad = int(self.first_bad.item())
@@ -263,6 +178,8 @@ def iter_batches(
     steps_per_graph: int = 1,
     backend: str = "auto",
     progress: Any = None,
+    solver_order: int | None = None,
+    use_karras_sigmas: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Seed-mode sampling of global sample indices ``[start, stop)``; yields ``(first_index, images)``.
 
@@ -275,7 +192,8 @@ def iter_batches(
     if n <= 0:
         return
     bs = min(batch_size or n, n)
-    plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output)
+    plan = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output,
+                     solver_order=solver_order, use_karras_sigmas=use_karras_sigmas)  # fmt: skip
     name = resolve_backend(backend, device, torch.float32)
     use_graphs = _want_graphs(cuda_graph, device, None)
     runners: dict[int, Any] = {}
@@ -318,7 +236,8 @@ def _make_runner(traj: Trajectory, use_graphs: bool, steps_per_graph: int, cuda_
 def _generator_mode(
     model, schedule, num_samples, plan: StepPlan, generator: torch.Generator, device, dtype, chw, backend, progress
 ) -> torch.Tensor:
-    """Noise drawn from ``generator`` in DDPMPipeline's order: x_T, then one z per step with t > 0."""
+    """Noise drawn from ``generator`` in DDPMPipeline's order: x_T, then each step's z as the scheduler draws it
+    (:meth:`fastddpm.driver.StepPlan.generator_noise`)."""
     model_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
     gdev = generator.device
 
@@ -329,12 +248,8 @@ def _generator_mode(
     traj = Trajectory(model, schedule, plan, num_samples, chw, device, name, dtype)
     traj.reset(draw((num_samples, *chw)).float(), 0, 0)
     for i in range(plan.num_steps):
-        t = int(plan.pairs[i, 0])
-        z = None
-        if plan.noise_mode != L.NOISE_NONE:
-            # DDPMScheduler draws z only when t > 0; DDIMScheduler draws it at every step when eta > 0.
-            drawn = t > 0 or plan.sampler == "ddim"
-            z = draw((num_samples, *chw)).float() if drawn else torch.zeros_like(traj.x)
+        z = plan.generator_noise(i, (num_samples, *chw), generator, model_dtype)
+        z = z.to(device) if z is not None else None
         traj.step_once(z)
         if progress is not None:
             progress.update(1)
@@ -362,6 +277,8 @@ def sample(
     shape: tuple[int, int, int] | None = None,
     steps_per_graph: int = 1,
     backend: str = "auto",
+    solver_order: int | None = None,
+    use_karras_sigmas: bool = False,
 ) -> torch.Tensor:
     """Draw ``num_samples`` images from a diffusion model.
 
@@ -373,8 +290,12 @@ def sample(
         num_inference_steps: steps (``None``: all ``num_train_timesteps``); fewer use the schedule's
             respacing with ``timestep_spacing`` (``"leading"``, ``"linspace"``, ``"trailing"``, ``None`` for
             the schedule's own, or a respacing string such as ``"ddim50"``).
-        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``), or ``"x0"`` (one shot: x0 predicted
-            from x_T, no further steps).
+        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``), ``"x0"`` (one shot: x0 predicted
+            from x_T, no further steps), or a few-step multistep solver: ``"dpmpp_2m"``, ``"dpmpp_3m"``,
+            ``"dpmpp_2m_sde"`` (diffusers' ``DPMSolverMultistepScheduler``) or ``"unipc"``
+            (``UniPCMultistepScheduler``, bh2); these need ``num_inference_steps``.
+        solver_order: multistep solvers only: UniPC's order (2 default, 1 or 3); the dpmpp samplers fix theirs.
+        use_karras_sigmas: multistep solvers only: Karras et al.'s sigma spacing (diffusers' option).
         use_clipped_model_output: DDIM only: re-derive epsilon from the clipped x0 (diffusers' option of
             the same name). With ``clip_sample`` and many DDIM steps this keeps x0 and eps consistent.
         batch_size: images per batch (default all). In seed mode the images do not depend on it.
@@ -404,7 +325,9 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
     device = _resolve_device(model, device)
     chw = infer_shape(model, shape)
-    plan_steps = 1 if sampler == "x0" else len(schedule.timesteps(num_inference_steps, timestep_spacing))
+    plan_kw = dict(solver_order=solver_order, use_karras_sigmas=use_karras_sigmas)
+    plan_steps = make_plan(schedule, sampler, num_inference_steps, timestep_spacing, eta, "cpu",
+                           use_clipped_model_output, **plan_kw).num_steps  # fmt: skip
     from .progress import progress_bar
 
     was_training = isinstance(model, torch.nn.Module) and model.training
@@ -419,8 +342,9 @@ def sample(
                         "use batch_size=None (or >= num_samples), or seed mode for batched sampling"
                     )
                 plan = make_plan(
-                    schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output
-                )
+                    schedule, sampler, num_inference_steps, timestep_spacing, eta, device, use_clipped_model_output,
+                    **plan_kw,
+                )  # fmt: skip
                 return _generator_mode(model, schedule, num_samples, plan, generator, device, dtype, chw, backend, bar)
             from .distributed import gather_samples, rank_range
 
@@ -433,6 +357,7 @@ def sample(
                 use_clipped_model_output=use_clipped_model_output,
                 timestep_spacing=timestep_spacing, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                 cuda_graph=cuda_graph, shape=chw, steps_per_graph=steps_per_graph, backend=backend, progress=bar,
+                **plan_kw,
             ):  # fmt: skip
                 parts.append(images)
                 if bar is not None:
