@@ -69,7 +69,7 @@ void update_chunk(const MultistepCoef& coef, float* x, const float* m, float* xp
     if (CLIP == CLIP_THRESHOLD) d0 = multistep_threshold(d0, s);
     float xc, xn;
     multistep_update(c, x[i], xp[i], d0, d1[i], d2[i], d3_d0[i], xc, xn);
-    if (NOISE) xn = xn + c.pz * z[i];
+    if (NOISE) xn = multistep_add_noise(c, xn, z[i]);
     d3_d0[i] = d0;
     xp[i] = xc;
     x[i] = xn;

@@ -56,22 +56,58 @@ FDDPM_HD FDDPM_INLINE MultistepCoef load_multistep_coef(const float* row) {
   return c;
 }
 
+// Correctly rounded product and sum that no compiler may contract into a fused multiply-add:
+// CUDA's __fmul_rn / __fadd_rn are never contracted by nvcc; host code is built with -ffp-contract=off.
+FDDPM_HD FDDPM_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+FDDPM_HD FDDPM_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 // D0 = CX * x + CM * m, clipped to [-clip_range, clip_range] under CLIP_RANGE (not thresholded).
 FDDPM_HD FDDPM_INLINE float multistep_d0(const MultistepCoef& c, float x, float m, int clip_mode, float clip_range) {
-  const float d0 = c.cx * x + c.cm * m;
+  const float d0 = add_rn(mul_rn(c.cx, x), mul_rn(c.cm, m));
   return clip_mode == CLIP_RANGE ? clamp_keep_nan(d0, -clip_range, clip_range) : d0;
 }
 
 // Dynamic thresholding of D0 with the per-sample threshold s (Saharia et al. 2022).
-FDDPM_HD FDDPM_INLINE float multistep_threshold(float d0, float s) { return clamp_keep_nan(d0, -s, s) / s; }
+FDDPM_HD FDDPM_INLINE float multistep_threshold(float d0, float s) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(clamp_keep_nan(d0, -s, s), s);
+#else
+  return clamp_keep_nan(d0, -s, s) / s;
+#endif
+}
 
-// The corrector xc and the solver update x' (without the noise term). D0 already clipped.
+// The corrector xc and the solver update x' (without the noise term), from the clipped D0:
+//   xc = ((((KX*x + KXP*xp) + KD0*D0) + KD1*D1) + KD2*D2) + KD3*D3
+//   x' = (((PX*xc + PD0*D0) + PD1*D1) + PD2*D2)
 FDDPM_HD FDDPM_INLINE void multistep_update(const MultistepCoef& c, float x, float xp, float d0, float d1, float d2,
                                              float d3, float& xc, float& xn) {
-  float a = c.kx * x + c.kxp * xp + c.kd0 * d0;
-  a = a + c.kd1 * d1 + c.kd2 * d2 + c.kd3 * d3;
+  float a = add_rn(mul_rn(c.kx, x), mul_rn(c.kxp, xp));
+  a = add_rn(a, mul_rn(c.kd0, d0));
+  a = add_rn(a, mul_rn(c.kd1, d1));
+  a = add_rn(a, mul_rn(c.kd2, d2));
+  a = add_rn(a, mul_rn(c.kd3, d3));
   xc = a;
-  xn = c.px * a + c.pd0 * d0 + c.pd1 * d1 + c.pd2 * d2;
+  float b = add_rn(mul_rn(c.px, a), mul_rn(c.pd0, d0));
+  b = add_rn(b, mul_rn(c.pd1, d1));
+  xn = add_rn(b, mul_rn(c.pd2, d2));
+}
+
+// x' + PZ * z (the SDE noise term).
+FDDPM_HD FDDPM_INLINE float multistep_add_noise(const MultistepCoef& c, float xn, float z) {
+  return add_rn(xn, mul_rn(c.pz, z));
 }
 
 }  // namespace fastddpm

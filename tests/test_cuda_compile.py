@@ -42,7 +42,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def test_there_are_cuda_sources():
-    assert [p.name for p in CU_FILES] == ["cuda_kernels.cu"]
+    assert [p.name for p in CU_FILES] == ["cuda_kernels.cu", "cuda_multistep.cu"]
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
