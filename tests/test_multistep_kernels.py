@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -22,21 +24,39 @@ from fastddpm.noise import philox_normal
 from fastddpm.schedule import Schedule
 
 EPS32 = 2.0**-24  # unit roundoff of float32
-FUSED = ("cpu", "triton")
+# With FASTDDPM_TEST_DEVICE=cuda (benchmarks/gpu_check.py) the fused backends run CUDA tensors; the spec stays on CPU.
+DEVICE = torch.device(os.environ.get("FASTDDPM_TEST_DEVICE", "cpu"))
+FUSED = ("cuda", "triton") if DEVICE.type == "cuda" else ("cpu", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NOISE_MODES = (L.NOISE_NONE, L.NOISE_TENSOR, L.NOISE_PHILOX)
 CLIP_MODES = (L.CLIP_NONE, L.CLIP_RANGE, L.CLIP_THRESHOLD)
 SHAPES = ((3, 37), (1, 1), (2, 5 * 7 * 3), (4, 257))
 
 
+def _device(name: str) -> torch.device:
+    return torch.device("cpu") if name == "reference" else DEVICE
+
+
 def _runnable(name: str) -> bool:
-    return name == "reference" or availability(name, "cpu")[0]
+    return name == "reference" or availability(name, DEVICE)[0]
 
 
 def _launcher(name: str):
+    """The backend's multistep launcher, running on the backend's device with CPU tensors in and out."""
     if not _runnable(name):
-        pytest.skip(f"{name}: {availability(name, 'cpu')[1]}")
-    return backend_module(name).multistep
+        pytest.skip(f"{name}: {availability(name, DEVICE)[1]}")
+    launch, dev = backend_module(name).multistep, _device(name)
+    if dev.type == "cpu":
+        return launch
+
+    def on_device(*args, **kw):
+        moved = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in args]
+        launch(*moved, **kw)
+        for a, b in zip(args, moved):
+            if isinstance(a, torch.Tensor) and b is not a:
+                a.copy_(b.cpu())
+
+    return on_device
 
 
 def _case(shape, dtype, steps=5, seed=0):
@@ -129,7 +149,7 @@ def test_backends_equal_bit_for_bit(clip, noise_mode, dtype, shape):
         for name in FUSED:
             if not _runnable(name):
                 continue
-            got = _run(backend_module(name).multistep, c, step, clip=clip, noise_mode=noise_mode)
+            got = _run(_launcher(name), c, step, clip=clip, noise_mode=noise_mode)
             for key in ("x", "xp", "hist"):
                 assert torch.equal(got[key], want[key]), (name, key, step)
 
@@ -185,6 +205,7 @@ def test_ring_buffer_over_steps_equals_the_shifting_history(backend, thresholdin
     the plain loop of the solvers' spec in float64, within float32 rounding."""
     pytest.importorskip("fastddpm.solvers")
     _launcher(backend)
+    dev = _device(backend)
     schedule = Schedule(num_train_timesteps=100, thresholding=thresholding, sample_max_value=1.5)
     clip = L.CLIP_THRESHOLD if thresholding else L.CLIP_NONE
     S, b, n = 5, 3, 29
@@ -192,19 +213,23 @@ def test_ring_buffer_over_steps_equals_the_shifting_history(backend, thresholdin
     c["ms"] = [torch.randn(b, n) for _ in range(S)]
     c["zs"] = [torch.randn(b, n) for _ in range(S)]
     want = _shift_reference(c, S, schedule, clip, torch.float64)
-    x, xp = c["x"].clone(), c["xp"].clone()
-    hist = torch.zeros(L.MS_HIST, b, n)
-    step = torch.zeros(1, dtype=torch.int64)
+    x, xp = c["x"].to(dev), c["xp"].to(dev)
+    hist = torch.zeros(L.MS_HIST, b, n, device=dev)
+    step = torch.zeros(1, dtype=torch.int64, device=dev)
+    coef, tval, rng = c["coef"].to(dev), c["tval"].to(dev), c["rng"].to(dev)
     for i in range(S):
-        driver.fused_multistep(backend, x, c["ms"][i], xp, hist, c["zs"][i], c["coef"], c["tval"], step, c["rng"],
+        driver.fused_multistep(backend, x, c["ms"][i].to(dev), xp, hist, c["zs"][i].to(dev), coef, tval, step, rng,
                                schedule=schedule, clip=clip, noise_mode=L.NOISE_TENSOR)  # fmt: skip
         step += 1
+    x = x.cpu()
     scale = want.abs().max().item() + 1.0
     torch.testing.assert_close(x.double(), want, atol=1e-4 * scale, rtol=0)
 
 
 def test_cpu_backend_rejects_bad_arguments_by_name():
-    launch = _launcher("cpu")
+    if not availability("cpu", "cpu")[0]:
+        pytest.skip(f"cpu: {availability('cpu', 'cpu')[1]}")
+    launch = backend_module("cpu").multistep
     c = _case((2, 9), torch.float32)
     with pytest.raises(ValueError, match="coef"):
         _run(launch, c, 0, clip=L.CLIP_NONE, noise_mode=L.NOISE_NONE, coef=c["coef"][:, :5].contiguous())
