@@ -141,7 +141,7 @@ def test_fused_step_within_float32_bounds_of_the_float64_spec(backend, clip, noi
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("noise_mode", (L.NOISE_NONE, L.NOISE_TENSOR))
 @pytest.mark.parametrize("clip", CLIP_MODES)
-def test_backends_equal_bit_for_bit(clip, noise_mode, dtype, shape):
+def test_reference_f32_cpu_cuda_triton_equal_bit_for_bit(clip, noise_mode, dtype, shape):
     """Same op order, every product and sum rounded once, no FMA: the product's bit-identity promise."""
     c = _case(shape, dtype, seed=7)
     for step in range(3):
