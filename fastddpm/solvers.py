@@ -207,6 +207,13 @@ def _x0_columns(prediction_type: str, sig: torch.Tensor) -> tuple[float, float]:
     return float(alpha), float(-sigma)  # v_prediction: x0 = alpha_t x - sigma_t v
 
 
+def _sde_std(h: torch.Tensor) -> torch.Tensor:
+    """sqrt(1 - e^{-2h}), 0 for h <= 0: with Karras sigmas and final_sigmas_type="sigma_min" the last step
+    goes from sigma_min to itself and float64 rounding can make h = -1e-15 (diffusers: NaN in float64; in
+    its float32 sigma list the two are equal and h = 0)."""
+    return torch.sqrt(torch.clamp(1.0 - torch.exp(-2 * h), min=0.0))
+
+
 def _dpm_update(sigmas: torch.Tensor, i: int, order: int, sde: bool) -> torch.Tensor:
     """Predictor columns (PX, PD0..PD2, PZ) of DPM-Solver++ step i of the given order (diffusers' updates).
 
@@ -225,7 +232,7 @@ def _dpm_update(sigmas: torch.Tensor, i: int, order: int, sde: bool) -> torch.Te
         return (
             (sigma_t / sigma_s0 * torch.exp(-h)) * x
             + (alpha_t * (1 - torch.exp(-2.0 * h))) * m0
-            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * z
+            + sigma_t * _sde_std(h) * z
         )
     lambda_s1 = _lambda(sigmas[i - 1])
     h_0 = lambda_s0 - lambda_s1
@@ -242,7 +249,7 @@ def _dpm_update(sigmas: torch.Tensor, i: int, order: int, sde: bool) -> torch.Te
             (sigma_t / sigma_s0 * torch.exp(-h)) * x
             + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
             + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
-            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * z
+            + sigma_t * _sde_std(h) * z
         )
     # order 3 (dpmsolver++ only)
     lambda_s2 = _lambda(sigmas[i - 2])
@@ -414,7 +421,8 @@ def multistep_plan(
         row, col = (~torch.isfinite(coef)).nonzero()[0].tolist()
         raise ValueError(
             f"{sampler}: coefficient (step {row}, column {col}) is not finite; timesteps {ts.tolist()} repeat a "
-            "sigma or the schedule has abar = 0 or 1 there"
+            "sigma (e.g. a zero-length last step: Karras sigmas with final_sigmas_type='sigma_min') or the schedule has "
+            "abar = 0 or 1 there"
         )
     return MultistepPlan(
         sampler=sampler,
