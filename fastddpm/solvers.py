@@ -35,8 +35,8 @@ One difference: with a learned variance, diffusers' DPM-Solver keeps the model o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -207,6 +207,13 @@ def _x0_columns(prediction_type: str, sig: torch.Tensor) -> tuple[float, float]:
     return float(alpha), float(-sigma)  # v_prediction: x0 = alpha_t x - sigma_t v
 
 
+def _sde_std(h: torch.Tensor) -> torch.Tensor:
+    """sqrt(1 - e^{-2h}), 0 for h <= 0: with Karras sigmas and final_sigmas_type="sigma_min" the last step
+    goes from sigma_min to itself and float64 rounding can make h = -1e-15 (diffusers: NaN in float64; in
+    its float32 sigma list the two are equal and h = 0)."""
+    return torch.sqrt(torch.clamp(1.0 - torch.exp(-2 * h), min=0.0))
+
+
 def _dpm_update(sigmas: torch.Tensor, i: int, order: int, sde: bool) -> torch.Tensor:
     """Predictor columns (PX, PD0..PD2, PZ) of DPM-Solver++ step i of the given order (diffusers' updates).
 
@@ -225,7 +232,7 @@ def _dpm_update(sigmas: torch.Tensor, i: int, order: int, sde: bool) -> torch.Te
         return (
             (sigma_t / sigma_s0 * torch.exp(-h)) * x
             + (alpha_t * (1 - torch.exp(-2.0 * h))) * m0
-            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * z
+            + sigma_t * _sde_std(h) * z
         )
     lambda_s1 = _lambda(sigmas[i - 1])
     h_0 = lambda_s0 - lambda_s1
@@ -242,7 +249,7 @@ def _dpm_update(sigmas: torch.Tensor, i: int, order: int, sde: bool) -> torch.Te
             (sigma_t / sigma_s0 * torch.exp(-h)) * x
             + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
             + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
-            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * z
+            + sigma_t * _sde_std(h) * z
         )
     # order 3 (dpmsolver++ only)
     lambda_s2 = _lambda(sigmas[i - 2])
@@ -414,7 +421,8 @@ def multistep_plan(
         row, col = (~torch.isfinite(coef)).nonzero()[0].tolist()
         raise ValueError(
             f"{sampler}: coefficient (step {row}, column {col}) is not finite; timesteps {ts.tolist()} repeat a "
-            "sigma or the schedule has abar = 0 or 1 there"
+            "sigma (e.g. a zero-length last step: Karras sigmas with final_sigmas_type='sigma_min') or the schedule has "
+            "abar = 0 or 1 there"
         )
     return MultistepPlan(
         sampler=sampler,
@@ -425,6 +433,102 @@ def multistep_plan(
         sigmas=sigmas,
         orders=orders,
     )
+
+
+# ---------------------------------------------------------------------------------------- diffusers configs
+MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+_OFF = (False, None)
+# Config keys whose value changes the math, and the values fastddpm follows (diffusers' own aliases included:
+# DPM-Solver maps solver_type logrho/bh1/bh2 to midpoint and algorithm_type deis to dpmsolver++; UniPC maps
+# midpoint/heun/logrho to bh2). Any other value cannot be honoured.
+_HONOURED: dict[str, dict[str, tuple]] = {
+    "DPMSolverMultistepScheduler": {
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "deis"),
+        "solver_type": ("midpoint", "logrho", "bh1", "bh2"),
+        "solver_order": (2, 3),
+        "euler_at_final": _OFF,
+        "use_exponential_sigmas": _OFF,
+        "use_beta_sigmas": _OFF,
+        "use_lu_lambdas": _OFF,
+        "use_flow_sigmas": _OFF,
+        "use_dynamic_shifting": _OFF,
+        "lambda_min_clipped": (-float("inf"),),
+        "final_sigmas_type": FINAL_SIGMAS_TYPES,
+    },
+    "UniPCMultistepScheduler": {
+        "predict_x0": (True,),
+        "solver_type": ("bh2", "midpoint", "heun", "logrho"),
+        "solver_order": (1, 2, 3),
+        "solver_p": (None,),
+        "use_exponential_sigmas": _OFF,
+        "use_beta_sigmas": _OFF,
+        "use_flow_sigmas": _OFF,
+        "use_dynamic_shifting": _OFF,
+        "sigma_min": (None,),
+        "sigma_max": (None,),
+        "shift_terminal": _OFF,
+        "final_sigmas_type": FINAL_SIGMAS_TYPES,
+    },
+}
+
+
+def multistep_scheduler_name(config: Mapping[str, Any], source: object = None) -> str | None:
+    """``"DPMSolverMultistepScheduler"``, ``"UniPCMultistepScheduler"`` or None for another scheduler's config.
+
+    Uses ``_class_name`` (saved configs), else the source object's class, else a key only that scheduler has.
+    """
+    name = config.get("_class_name") or (type(source).__name__ if source is not None else None)
+    if name in MULTISTEP_SCHEDULERS:
+        return name
+    if name is None or name in ("dict", "FrozenDict"):
+        if "algorithm_type" in config:
+            return "DPMSolverMultistepScheduler"
+        if "predict_x0" in config:
+            return "UniPCMultistepScheduler"
+    return None
+
+
+def check_multistep_config(name: str, config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming every key of a DPM-Solver/UniPC config whose value fastddpm cannot honour."""
+    bad = [
+        f"{key}={config[key]!r} (fastddpm follows {', '.join(repr(v) for v in allowed)})"
+        for key, allowed in _HONOURED[name].items()
+        if key in config and config[key] not in allowed
+    ]
+    if name == "DPMSolverMultistepScheduler" and config.get("algorithm_type") == "sde-dpmsolver++":
+        if config.get("solver_order", 2) != 2:
+            bad.append(f"solver_order={config['solver_order']!r} with sde-dpmsolver++ (fastddpm has dpmpp_2m_sde only)")
+    if bad:
+        raise ValueError(f"{name} config: fastddpm cannot honour " + "; ".join(bad))
+
+
+def multistep_options_from_diffusers(source: Any) -> dict[str, Any]:
+    """The :func:`multistep_plan` keyword arguments (``sampler`` included) of a DPM-Solver/UniPC scheduler.
+
+    ``source`` is the scheduler object, its ``.config`` or a dict. The schedule itself comes from
+    :meth:`fastddpm.schedule.Schedule.from_diffusers`; keys neither can honour raise ``ValueError``.
+    """
+    config = dict(source.config) if hasattr(source, "config") and isinstance(source.config, Mapping) else source
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected a diffusers scheduler, its .config or a dict; got {type(source).__name__}")
+    name = multistep_scheduler_name(config, None if isinstance(source, Mapping) else source)
+    if name is None:
+        raise ValueError(f"not a DPMSolverMultistepScheduler/UniPCMultistepScheduler config: {sorted(config)}")
+    check_multistep_config(name, config)
+    order = int(config.get("solver_order", 2))
+    opts: dict[str, Any] = {
+        "timestep_spacing": config.get("timestep_spacing", "linspace"),
+        "use_karras_sigmas": bool(config.get("use_karras_sigmas", False)),
+        "lower_order_final": bool(config.get("lower_order_final", True)),
+        "final_sigmas_type": config.get("final_sigmas_type", "zero"),
+    }
+    if name == "UniPCMultistepScheduler":
+        opts.update(sampler="unipc", solver_order=order, disable_corrector=tuple(config.get("disable_corrector") or ()))
+    elif config.get("algorithm_type") == "sde-dpmsolver++":
+        opts["sampler"] = "dpmpp_2m_sde"
+    else:
+        opts["sampler"] = "dpmpp_3m" if order == 3 else "dpmpp_2m"
+    return opts
 
 
 # ---------------------------------------------------------------------------------------- reference step
