@@ -105,21 +105,26 @@ def make_plan(
     *,
     solver_order: int | None = None,
     use_karras_sigmas: bool = False,
+    lower_order_final: bool = True,
+    final_sigmas_type: str = "zero",
 ) -> StepPlan:
     """Timesteps of ``sampler`` and their float32 coefficient rows on ``device`` (checked finite once, here).
 
     ``timestep_spacing=None`` uses the schedule's own. ``eta`` and ``use_clipped_model_output`` are DDIM's;
-    ``solver_order`` and ``use_karras_sigmas`` the multistep solvers' (diffusers' names and defaults).
+    ``solver_order``, ``use_karras_sigmas``, ``lower_order_final`` and ``final_sigmas_type`` the multistep
+    solvers' (diffusers' names and defaults; :func:`fastddpm.solvers.multistep_plan`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
     device = torch.device(device)
     if sampler in MULTISTEP_SAMPLERS:
-        return _multistep_plan(schedule, sampler, num_inference_steps, timestep_spacing, device, solver_order,
-                               use_karras_sigmas)  # fmt: skip
-    if solver_order is not None or use_karras_sigmas:
+        options = dict(solver_order=solver_order, use_karras_sigmas=bool(use_karras_sigmas),
+                       lower_order_final=lower_order_final, final_sigmas_type=final_sigmas_type)  # fmt: skip
+        return _multistep_plan(schedule, sampler, num_inference_steps, timestep_spacing, device, options)
+    if solver_order is not None or use_karras_sigmas or not lower_order_final or final_sigmas_type != "zero":
         raise ValueError(
-            f"solver_order and use_karras_sigmas apply to {', '.join(MULTISTEP_SAMPLERS)}, not {sampler!r}"
+            "solver_order, use_karras_sigmas, lower_order_final and final_sigmas_type apply to "
+            f"{', '.join(MULTISTEP_SAMPLERS)}, not {sampler!r}"
         )
     if sampler == "x0":  # one shot: x0 predicted from x_T at the first timestep, nothing after it
         pairs = schedule.timesteps(num_inference_steps, timestep_spacing)[:1].clone()
@@ -138,15 +143,14 @@ def make_plan(
     return StepPlan(sampler, pairs, coef.contiguous(), t.contiguous(), noise_mode, KERNEL_STEP, clip_mode(schedule))
 
 
-def _multistep_plan(schedule, sampler, steps, spacing, device, solver_order, use_karras_sigmas) -> StepPlan:
+def _multistep_plan(schedule, sampler, steps, spacing, device, options) -> StepPlan:
     from .solvers import multistep_plan
 
     if steps is None:
         raise ValueError(f"num_inference_steps is required for the {sampler!r} sampler (a few, e.g. 10-25)")
     if spacing is None:
         spacing = schedule.timestep_spacing if schedule.timestep_spacing in SPACINGS else "linspace"
-    mp = multistep_plan(schedule, sampler, int(steps), solver_order=solver_order, timestep_spacing=spacing,
-                        use_karras_sigmas=bool(use_karras_sigmas))  # fmt: skip
+    mp = multistep_plan(schedule, sampler, int(steps), timestep_spacing=spacing, **options)
     coef = mp.coef.to(torch.float32)
     if not bool(torch.isfinite(coef).all()):
         bad = (~torch.isfinite(coef)).nonzero()[0].tolist()

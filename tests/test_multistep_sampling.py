@@ -60,8 +60,9 @@ def test_samplers_are_listed():
 )  # fmt: skip
 def test_generator_mode_equals_ddpm_pipeline_with_dpm_solver(unet, sampler, karras, spacing):
     ddpm = diffusers.DDPMScheduler(num_train_timesteps=200)
-    sch = diffusers.DPMSolverMultistepScheduler.from_config(
-        ddpm.config, use_karras_sigmas=karras, timestep_spacing=spacing, **DPM_OPTIONS[sampler]
+    cls = diffusers.UniPCMultistepScheduler if sampler == "unipc" else diffusers.DPMSolverMultistepScheduler
+    sch = cls.from_config(
+        ddpm.config, use_karras_sigmas=karras, timestep_spacing=spacing, **DPM_OPTIONS.get(sampler, {})
     )
     pipe = diffusers.DDPMPipeline(unet, sch)
     pipe.set_progress_bar_config(disable=True)
@@ -156,5 +157,10 @@ def test_plan_errors_name_the_argument():
         make_plan(schedule, "ddpm", 10, None, 0.0, "cpu", solver_order=2)
     with pytest.raises(ValueError, match="solver_order"):
         make_plan(schedule, "dpmpp_2m", 10, None, 0.0, "cpu", solver_order=3)
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        make_plan(schedule, "ddim", 10, None, 0.0, "cpu", final_sigmas_type="sigma_min")
+    plan = make_plan(schedule, "unipc", 6, None, 0.0, "cpu", solver_order=3, final_sigmas_type="sigma_min")
+    assert plan.kernel == "multistep" and plan.num_steps == 6 and plan.coef.dtype == torch.float32
+    assert torch.equal(plan.coef.double(), plan.coef64.float().double())  # the float64 table, rounded once
     with pytest.raises(ValueError, match="unknown sampler"):
         make_plan(schedule, "dpmpp_4m", 10, None, 0.0, "cpu")
