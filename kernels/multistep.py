@@ -98,7 +98,8 @@ def multistep_kernel(
     else:
         if CLIP_MODE == _CLIP_THRESHOLD:
             s = tl.load(thresh_ptr + b * thresh_stride)
-            d0 = tl.clamp(d0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
+            # div_rn: IEEE division (a plain `/` lowers to the approximate div.full.f32 on NVIDIA GPUs)
+            d0 = tl.math.div_rn(tl.clamp(d0, -s, s, propagate_nan=tl.PropagateNan.ALL), s)
         h = hist_ptr + b * hist_stride_b + offs
         s0 = i % _HIST  # slot of D3, overwritten with D0 below
         d1 = tl.load(h + ((i + 2) % _HIST) * hist_stride_s, mask=mask, other=0.0)
