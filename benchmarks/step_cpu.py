@@ -17,8 +17,8 @@ torch.log/sin/exp   ``torch.log(x, out=y)`` etc. on the same number of elements:
 Rows are timed round-robin (one call of each row per round) with ``time.perf_counter`` after a
 warm-up, so a load change on a shared machine hits every row alike; the table gives the median,
 20th and 80th percentile, ns per element and each baseline's time over the fused row's. The
-coefficients are computed here from the scheduler's ``alphas_cumprod`` (REFERENCE.md, section 1)
-and checked against diffusers: with the same noise tensor the fused step must give diffusers'
+coefficient row is the step driver's (:func:`fastddpm.driver.step_row`, from the scheduler's config)
+and is checked against diffusers: with the same noise tensor the fused step must give diffusers'
 ``prev_sample`` (printed as ``max |fused - diffusers|``).
 
 Run::
@@ -46,31 +46,12 @@ import torch
 from fastddpm import _build
 from fastddpm import _layout as L
 from fastddpm.backends import cpu
+from fastddpm.driver import step_row
+from fastddpm.schedule import Schedule
 
 SHAPE = (3, 32, 32)
 TIMESTEP = 500
 SEED = 1234
-
-
-def ddpm_coef_row(alphas_cumprod: torch.Tensor, t: int, prev_t: int) -> torch.Tensor:
-    """One float32 row of the kernel's coefficient table for a DDPM epsilon step t -> prev_t.
-
-    Ho et al. 2020: x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 15), posterior mean
-    (eq. 7), fixed_small variance, as diffusers' DDPMScheduler computes them (in float64 here).
-    """
-    ac = alphas_cumprod.double()
-    a_t = ac[t]
-    a_p = ac[prev_t] if prev_t >= 0 else torch.tensor(1.0, dtype=torch.float64)
-    alpha = a_t / a_p
-    beta = 1 - alpha
-    row = torch.zeros(L.NCOEF, dtype=torch.float64)
-    row[L.COEF_CX] = 1 / a_t.sqrt()
-    row[L.COEF_CM] = -(1 - a_t).sqrt() / a_t.sqrt()
-    row[L.COEF_P0] = a_p.sqrt() * beta / (1 - a_t)
-    row[L.COEF_PX] = alpha.sqrt() * (1 - a_p) / (1 - a_t)
-    row[L.COEF_STD] = ((1 - a_p) / (1 - a_t) * beta).clamp(min=1e-20).sqrt()
-    row[L.COEF_GATE] = 1.0 if t > 0 else 0.0
-    return row.float()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -90,8 +71,7 @@ def make_rows(batch: int) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]
     x = torch.randn(batch, *SHAPE, generator=gen)
     eps = torch.randn(batch, *SHAPE, generator=gen)
     prev_t = TIMESTEP - 1
-    coef = ddpm_coef_row(scheduler.alphas_cumprod, TIMESTEP, prev_t).reshape(1, L.NCOEF)
-    tval = torch.tensor([TIMESTEP], dtype=torch.int64)
+    coef, tval = step_row(Schedule.from_diffusers(scheduler), "ddpm", TIMESTEP, prev_t)  # [1, NCOEF], [1]
     rows = torch.zeros(1, dtype=torch.int64).expand(batch)
     rng = torch.tensor([SEED, 0], dtype=torch.int64)
     clip_range = float(scheduler.config.clip_sample_range)

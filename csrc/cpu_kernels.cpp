@@ -30,6 +30,7 @@
 #endif
 
 #include "cpu_groupnorm.h"
+#include "cpu_multistep.h"
 #include "fastddpm_math.h"
 #include "torch_checks.h"
 
@@ -548,4 +549,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "silu(group_norm(x + add)) for float32 CPU tensors, contiguous or channels_last", py::arg("x"),
              py::arg("weight"), py::arg("bias"), py::arg("num_groups"), py::arg("eps"), py::arg("add"),
              py::arg("silu"));
+  module.def("multistep", &fastddpm::cpu::multistep,
+             "Fused multistep-solver step on [B, N] CPU tensors (see fastddpm.backends)", py::arg("x"), py::arg("m"),
+             py::arg("xp"), py::arg("hist"), py::arg("noise"), py::arg("x0_out"), py::arg("coef"), py::arg("tval"),
+             py::arg("step"), py::arg("thresh"), py::arg("rng"), py::kw_only(), py::arg("clip_mode"),
+             py::arg("clip_range"), py::arg("noise_mode"), py::arg("x0_only"));
 }

@@ -42,9 +42,17 @@ __all__ = [
     "load_cuda_extension",
 ]
 
-_CPU_SOURCES = ("cpu_kernels.cpp", "cpu_groupnorm.cpp")
-_CUDA_SOURCES = ("cuda_binding.cpp", "cuda_kernels.cu")
-_HEADERS = ("fastddpm_math.h", "torch_checks.h", "cuda_kernels.h", "cpu_groupnorm.h")
+_CPU_SOURCES = ("cpu_kernels.cpp", "cpu_groupnorm.cpp", "cpu_multistep.cpp")
+_CUDA_SOURCES = ("cuda_binding.cpp", "cuda_kernels.cu", "cuda_multistep.cu")
+_HEADERS = (
+    "fastddpm_math.h",
+    "torch_checks.h",
+    "cuda_kernels.h",
+    "cpu_groupnorm.h",
+    "fastddpm_multistep.h",
+    "cpu_multistep.h",
+    "cuda_multistep.h",
+)
 
 
 class ExtensionUnavailableError(RuntimeError):
@@ -137,11 +145,12 @@ def cpu_build_flags(*, native: bool | None = None, openmp: bool = True) -> list[
     the promise to keep floating-point exception flags exact; results do not change); ``-fopenmp``
     because ``at::parallel_for`` is an inline OpenMP loop in torch's headers and runs on one
     thread without it (the extension then shares torch's libgomp and its ``torch.set_num_threads``).
+    ``-ffp-contract=off``: no fused multiply-add, each product and sum rounded as in the other backends.
     Never ``-ffast-math``: the kernels rely on IEEE rounding (see ``round_small`` in fastddpm_math.h).
     """
     if sys.platform == "win32":
         return ["/O2", "/fp:precise"] + (["/openmp"] if openmp else [])
-    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     if openmp:
         flags.append("-fopenmp")
     if native is None:

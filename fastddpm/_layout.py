@@ -94,6 +94,33 @@ NOISE_PHILOX = 2  # z is made in the kernel from the counter-based generator
 STREAM_STEP = 0  # z added by a reverse (ddpm/ddim) step at timestep t
 STREAM_QSAMPLE = 1  # noise of the forward process q(x_t | x_0) at timestep t (training)
 STREAM_INIT = 2  # x_T that starts sampling (drawn with t = num_train_timesteps)
+STREAM_SDE = 3  # z of a stochastic multistep solver step (dpmpp_2m_sde) at timestep t
+
+# --- multistep solvers (DPM-Solver++, UniPC): columns of the per-step table coef[S, NMS] ----------
+# Per step i (model output m at x = x_i; D1..D3 the data predictions of steps i-1..i-3; xp the
+# previous corrected sample), every product rounded, sums left to right, no fused multiply-add:
+#     D0 = CX * x + CM * m                                         then clipped as the DDPM step
+#     xc = KX * x + KXP * xp + KD0 * D0 + KD1 * D1 + KD2 * D2 + KD3 * D3    (UniPC's corrector)
+#     x' = PX * xc + PD0 * D0 + PD1 * D1 + PD2 * D2 + PZ * z              (the solver update)
+#     x <- x', xp <- xc, D3 <- D2, D2 <- D1, D1 <- D0
+# ``+ PZ * z`` is left out entirely under NOISE_NONE. The kernels keep D1..D3 in a ring
+# ``hist[3, B, N]``: at step i, D_k is slot (i - k) % 3 and D0 is written to slot i % 3 (the slot
+# of D3, read before it is overwritten, element by element).
+MS_CX = 0
+MS_CM = 1
+MS_KX = 2
+MS_KXP = 3
+MS_KD0 = 4
+MS_KD1 = 5
+MS_KD2 = 6
+MS_KD3 = 7
+MS_PX = 8
+MS_PD0 = 9
+MS_PD1 = 10
+MS_PD2 = 11
+MS_PZ = 12
+NMS = 13
+MS_HIST = 3  # slots of the data-prediction ring buffer
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57

@@ -22,17 +22,15 @@ from typing import Any
 
 import torch
 
+from .driver import MULTISTEP_SAMPLERS  # the few-step solvers (issue 11); their options are read by these only
+
 CUDA_GRAPH_MODES = ("auto", "on", "off")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 SOLVER_ORDERS = (1, 2, 3)
 DIFFUSERS_SPACINGS = ("leading", "linspace", "trailing")
 _RESPACING = re.compile(r"ddim\d+|\d+(,\d+)*")
 SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit keys of the counter-based generator
-
-# The few-step multistep solvers of issue 11 (DPM-Solver++ and UniPC). Their options below are only read
-# by these; the samplers themselves are registered in ``fastddpm.sampling.SAMPLERS``.
-MULTISTEP_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
 
 # Options read by some samplers only: a non-default value with any other sampler is an error, never ignored.
 ONLY_FOR = {
@@ -111,8 +109,10 @@ class SamplingConfig:
         use_clipped_model_output: DDIM only: re-derive epsilon from the clipped x0.
         seed: key of the counter-based noise, an int in ``[0, 2**64)``.
         batch_size: images per batch (``None``: all at once).
-        dtype: precision of the model under autocast: ``"float32"`` (no autocast), ``"bfloat16"`` or
-            ``"float16"``; a ``torch.dtype`` or ``None`` (float32) is accepted and stored by name.
+        dtype: precision of the model under autocast: ``"auto"`` (the default: float32, or bf16 autocast on
+            a CPU with native bf16 where it is measured faster; see :mod:`fastddpm.autodtype`, resolved by
+            :func:`fastddpm.sampling.resolve_auto_dtype` before sampling), ``"float32"`` (no autocast),
+            ``"bfloat16"`` or ``"float16"``; a ``torch.dtype`` or ``None`` (float32) is accepted and stored by name.
         cuda_graph: ``"auto"`` (capture on CUDA, eager elsewhere), ``"on"`` (require it), ``"off"``;
             ``True``/``False`` are stored as ``"on"``/``"off"``.
         steps_per_graph: steps captured per CUDA graph (same images, fewer launches).
@@ -124,12 +124,12 @@ class SamplingConfig:
 
     sampler: str = "ddpm"
     num_inference_steps: int | None = None
-    timestep_spacing: str | None = "leading"
+    timestep_spacing: str | None = None
     eta: float = 0.0
     use_clipped_model_output: bool = False
     seed: int = 0
     batch_size: int | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     cuda_graph: str = "auto"
     steps_per_graph: int = 1
     backend: str = "auto"
@@ -215,7 +215,9 @@ class SamplingConfig:
     # ----------------------------------------------------------------------------------- derived
     @property
     def torch_dtype(self) -> torch.dtype:
-        """``dtype`` as a ``torch.dtype``."""
+        """``dtype`` as a ``torch.dtype`` (``"auto"`` must have been resolved first)."""
+        if self.dtype == "auto":
+            raise ValueError("dtype='auto' is resolved per model and device: call fastddpm.sampling.resolve_auto_dtype")
         return getattr(torch, self.dtype)
 
     @property

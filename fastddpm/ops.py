@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _layout as L
-from . import reference
+from . import driver, reference
 from ._checks import int_arg, real_arg
 from .coefficients import ddim_coefficients, ddpm_coefficients
 from .dispatch import backend_module, resolve_backend
@@ -332,10 +332,15 @@ def _split_model_output(model_output: torch.Tensor, sample: torch.Tensor, schedu
     return m, (v if learned_needed else None)
 
 
-def _clip_mode(schedule: Schedule) -> int:
-    if schedule.thresholding:
-        return L.CLIP_THRESHOLD
-    return L.CLIP_RANGE if schedule.clip_sample else L.CLIP_NONE
+def _op_launch(backend: str) -> driver.Launch:
+    """A :data:`fastddpm.driver.Launch` through the registered custom op (new output tensors; traceable)."""
+
+    def launch(x, m, v, noise, prev_out, x0_out, coef, tval, rows, thresh, rng, clip_mode, clip_range, var_mode,
+               noise_mode, write_x0, x0_only):  # fmt: skip
+        return _fused_step(x, m, v, noise, coef, tval, rows, thresh, rng, clip_mode, clip_range, var_mode, noise_mode,
+                           write_x0, x0_only, backend)  # fmt: skip
+
+    return launch
 
 
 def _fused_update(
@@ -352,8 +357,8 @@ def _fused_update(
     noise_mode: int,
     rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused step on ``[B, N]`` views; sample ``b`` uses coefficient row ``rows[b]`` (default ``b``)
-    and timestep value ``t[rows[b]]``."""
+    """The fused step (:func:`fastddpm.driver.fused_step`) on ``[B, N]`` views; sample ``b`` uses coefficient
+    row ``rows[b]`` (default ``b``) and timestep value ``t[rows[b]]``."""
     b = sample.shape[0]
     x2, m2 = _as_rows(sample), _as_rows(m)
     v2 = _as_rows(v) if v is not None else None
@@ -362,16 +367,8 @@ def _fused_update(
         rows = torch.arange(b, dtype=torch.int64, device=sample.device)
     else:
         rows = rows.expand(b)
-    clip_mode = _clip_mode(schedule)
-    var_mode = L.VAR_LEARNED if v is not None else L.VAR_FIXED
-    thresh = None
-    if clip_mode == L.CLIP_THRESHOLD:  # pass 1: x0 only, then the per-sample quantile s
-        _, x0 = _fused_step(x2, m2, None, None, coef, t, rows, None, rng, L.CLIP_NONE, 0.0, L.VAR_FIXED,
-                            L.NOISE_NONE, False, True, backend)  # fmt: skip
-        thresh = reference.dynamic_threshold(x0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
-        thresh = thresh.to(torch.float32).contiguous()
-    prev, x0 = _fused_step(x2, m2, v2, n2, coef, t, rows, thresh, rng, clip_mode, float(schedule.clip_sample_range),
-                           var_mode, noise_mode, True, False, backend)  # fmt: skip
+    prev, x0 = driver.fused_step(_op_launch(backend), x2, m2, v2, n2, coef, t, rows, rng, schedule=schedule,
+                                 clip=driver.clip_mode(schedule), noise_mode=noise_mode)  # fmt: skip
     return prev.reshape(sample.shape), x0.reshape(sample.shape)
 
 

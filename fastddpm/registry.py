@@ -25,6 +25,7 @@ __all__ = [
     "load_model",
     "recommended_steps",
     "resolve_model_dir",
+    "sampling_defaults",
     "scheduler_config_path",
 ]
 
@@ -122,17 +123,37 @@ def load_model(
     return _load(name_or_path, device=device, dtype=torch.float32, variant=None)
 
 
-def recommended_steps(name_or_path: str | os.PathLike) -> int | None:
-    """The step count a model directory recommends in ``sampling.json`` (bundled models ship one), else None."""
+def sampling_defaults(name_or_path: str | os.PathLike) -> dict:
+    """The sampling settings a model directory recommends in its ``sampling.json`` (bundled models and
+    distilled students ship one): any of ``num_inference_steps`` (int > 0), ``sampler`` (str), ``eta``
+    (number) and ``timestep_spacing`` (str), with only the keys present and of the right type; ``{}`` when
+    there is no such file. The CLI uses them for the flags not given."""
     try:
         d = locate_checkpoint(name_or_path)
     except (ValueError, FileNotFoundError, TypeError):
-        return None
+        return {}
     f = d / "sampling.json"
     if not f.is_file():
-        return None
+        return {}
     try:
-        steps = json.loads(f.read_text(encoding="utf-8")).get("num_inference_steps")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return int(steps) if isinstance(steps, int) and steps > 0 else None
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    out: dict = {}
+    steps = raw.get("num_inference_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        out["num_inference_steps"] = steps
+    for key in ("sampler", "timestep_spacing"):
+        if isinstance(raw.get(key), str):
+            out[key] = raw[key]
+    eta = raw.get("eta")
+    if isinstance(eta, (int, float)) and not isinstance(eta, bool):
+        out["eta"] = float(eta)
+    return out
+
+
+def recommended_steps(name_or_path: str | os.PathLike) -> int | None:
+    """The step count a model directory recommends in ``sampling.json`` (bundled models ship one), else None."""
+    return sampling_defaults(name_or_path).get("num_inference_steps")

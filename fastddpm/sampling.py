@@ -21,20 +21,17 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import _layout as L
-from .coefficients import ddim_coefficients, ddpm_coefficients
 from .config import SamplingConfig, takes_config
-from .dispatch import backend_module, resolve_backend
-from .ops import _clip_mode, _split_model_output
-from .reference import dynamic_threshold
-from .schedule import LEARNED_VARIANCES, Schedule
+from .dispatch import resolve_backend
+from .driver import SAMPLERS, Stepper, StepPlan, make_plan
+from .schedule import Schedule
 
-SAMPLERS = ("ddpm", "ddim", "x0")
+__all__ = ["SAMPLERS", "NonFiniteSampleError", "StepPlan", "Trajectory", "make_plan", "sample", "iter_batches"]
 
 
 class NonFiniteSampleError(FloatingPointError):
@@ -76,61 +73,14 @@ def infer_shape(model: Any, shape: tuple[int, ...] | None) -> tuple[int, int, in
     raise ValueError("cannot tell the sample shape from this model: pass shape=(C, H, W)")
 
 
-@dataclass
-class StepPlan:
-    """A trajectory's timesteps and coefficients, resident on the sampling device.
-
-    ``pairs`` is the host copy of ``[S, 2]`` (t, prev_t); ``coef`` ``[S, NCOEF]`` float32, ``tval`` ``[S]``
-    int64 (t of each step) live on the device; kernels index them with the device step counter.
-    """
-
-    sampler: str
-    pairs: torch.Tensor
-    coef: torch.Tensor
-    tval: torch.Tensor
-    noise_mode: int
-
-    @property
-    def num_steps(self) -> int:
-        return self.pairs.shape[0]
-
-
-def make_plan(
-    schedule: Schedule,
-    sampler: str,
-    num_inference_steps: int | None,
-    timestep_spacing: str | None,
-    eta: float,
-    device: torch.device,
-    use_clipped_model_output: bool = False,
-) -> StepPlan:
-    """Timesteps for ``sampler`` and their float32 coefficient rows (checked finite once, here)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
-    if sampler == "x0":  # one shot: x0 predicted from x_T at the first timestep, nothing after it
-        pairs = schedule.timesteps(num_inference_steps, timestep_spacing)[:1].clone()
-        pairs[0, 1] = -1
-    else:
-        pairs = schedule.timesteps(num_inference_steps, timestep_spacing, sampler=sampler)
-    t = pairs[:, 0].to(device)
-    prev = pairs[:, 1].to(device)
-    if sampler == "ddim":
-        coef = ddim_coefficients(
-            schedule, t, prev, eta=eta, use_clipped_model_output=use_clipped_model_output, check=True
-        )
-        noise_mode = L.NOISE_PHILOX if eta > 0 else L.NOISE_NONE
-    else:
-        coef = ddpm_coefficients(schedule, t, prev, check=True)
-        noise_mode = L.NOISE_PHILOX if sampler == "ddpm" else L.NOISE_NONE
-    return StepPlan(sampler, pairs, coef.contiguous(), t.contiguous(), noise_mode)
-
-
 class Trajectory:
-    """Runs one batch through every step of a :class:`StepPlan` with the fused update.
+    """Runs one batch through every step of a :class:`StepPlan`: the model call here, the fused update in
+    :class:`fastddpm.driver.Stepper` (the one step driver).
 
     All per-step state is on the device: ``x`` (float32 ``[B, C, H, W]``, updated in place), ``step``
-    (int64 ``[1]``), ``rng`` (int64 ``[2]`` = seed, sample offset) and ``first_bad`` (int64 ``[1]``, the
-    first step whose output was not finite, ``S`` if none). :meth:`step_once` is what a CUDA graph captures.
+    (int64 ``[1]``), ``rng`` (int64 ``[2]`` = seed, sample offset), ``first_bad`` (int64 ``[1]``, the
+    first step whose output was not finite, ``S`` if none) and, for the multistep solvers, the history.
+    :meth:`step_once` is what a CUDA graph captures.
     """
 
     def __init__(
@@ -147,21 +97,10 @@ class Trajectory:
         self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
         self.device, self.batch, self.shape = device, batch, shape
         self.autocast_dtype = dtype if dtype not in (None, torch.float32) else None
-        self.x = torch.zeros((batch, *shape), dtype=torch.float32, device=device)
-        self.x0 = torch.zeros_like(self.x) if plan.sampler == "x0" else None
-        self.step = torch.zeros(1, dtype=torch.int64, device=device)
-        self.rng = torch.zeros(2, dtype=torch.int64, device=device)
-        self.first_bad = torch.full((1,), plan.num_steps, dtype=torch.int64, device=device)
-        self.clip_mode = _clip_mode(schedule)
-        self.learned = schedule.variance_type in LEARNED_VARIANCES and plan.sampler == "ddpm"
-        self._launch = backend_module(backend).step
-        # Feed the model channels_last input when its weights are channels_last (cuDNN's fast layout on GPU).
-        # (A conv weight with one input channel or a 1x1 kernel is both layouts at once: look past those.)
-        first = next((p for p in getattr(model, "parameters", lambda: iter(()))()
-                      if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1), None)  # fmt: skip
-        self.channels_last = (
-            first is not None and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
-        )
+        self.stepper = Stepper(plan, schedule, batch, shape, device, backend)
+        self.x, self.x0 = self.stepper.x, self.stepper.x0
+        self.step, self.rng, self.first_bad = self.stepper.step, self.stepper.rng, self.stepper.first_bad
+        self.channels_last = wants_channels_last(model)  # channels_last input for channels_last weights
 
     # -- one step, device-resident state only ---------------------------------------------------
     def model_output(self) -> torch.Tensor:
@@ -176,41 +115,10 @@ class Trajectory:
 
     def step_once(self, noise: torch.Tensor | None = None) -> None:
         """x <- step(x) for the step at ``self.step``; then ``step += 1``. No host sync."""
-        out = self.model_output()
-        b, plan = self.batch, self.plan
-        m, v = _split_model_output(out, self.x, self.schedule, learned_needed=self.learned)
-        x2 = self.x.view(b, -1)
-        m2 = m.reshape(b, -1)
-        v2 = v.reshape(b, -1) if v is not None else None
-        rows = self.step.expand(b)
-        noise_mode = plan.noise_mode if noise is None else L.NOISE_TENSOR
-        n2 = noise.reshape(b, -1) if noise is not None else None
-        thresh = None
-        if self.clip_mode == L.CLIP_THRESHOLD:
-            x0 = torch.empty_like(x2)
-            self._run(x2, m2, None, None, None, x0, rows, None, L.CLIP_NONE, L.VAR_FIXED, L.NOISE_NONE, True)
-            thresh = dynamic_threshold(x0, self.schedule.dynamic_thresholding_ratio, self.schedule.sample_max_value)
-        x0_out = self.x0.view(b, -1) if self.x0 is not None else None
-        var_mode = L.VAR_LEARNED if v2 is not None else L.VAR_FIXED
-        self._run(x2, m2, v2, n2, x2, x0_out, rows, thresh, self.clip_mode, var_mode, noise_mode, False)
-        bad = ~torch.isfinite(x2).all()
-        self.first_bad.copy_(torch.where(bad & (self.first_bad == plan.num_steps), self.step, self.first_bad))
-        self.step.add_(1)
-
-    def _run(self, x2, m2, v2, n2, prev, x0_out, rows, thresh, clip_mode, var_mode, noise_mode, x0_only):
-        self._launch(
-            x2, m2, v2, n2, None if x0_only else prev, x0_out, self.plan.coef, self.plan.tval, rows, thresh,
-            self.rng, clip_mode=clip_mode, clip_range=float(self.schedule.clip_sample_range),
-            var_mode=var_mode, noise_mode=noise_mode, x0_only=x0_only,
-        )  # fmt: skip
+        self.stepper.advance(self.model_output(), noise)
 
     def reset(self, x_init: torch.Tensor, seed: int, sample_offset: int) -> None:
-        self.x.copy_(x_init)
-        self.step.zero_()
-        self.first_bad.fill_(self.plan.num_steps)
-        from .noise import seed_word  # the one seed rule: [0, 2**64) as an int64 bit pattern
-
-        self.rng.copy_(torch.tensor([seed_word(seed), sample_offset], dtype=torch.int64))
+        self.stepper.reset(x_init, seed, sample_offset)
 
     def check_finite(self) -> None:
         bad = int(self.first_bad.item())
@@ -244,19 +152,59 @@ def _want_graphs(config: SamplingConfig, device: torch.device, generator: Any) -
     return device.type == "cuda" and generator is None
 
 
-def plan_for(schedule: Schedule, config: SamplingConfig, device: torch.device) -> StepPlan:
+def wants_channels_last(model: Any) -> bool:
+    """Whether the sampler feeds ``model`` channels_last input: its conv weights are channels_last (cuDNN's
+    and oneDNN's fast layout). A conv weight with one input channel or a 1x1 kernel is both layouts at once,
+    so those are looked past."""
+    first = next((p for p in getattr(model, "parameters", lambda: iter(()))()
+                  if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1), None)  # fmt: skip
+    return first is not None and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+
+
+def resolve_auto_dtype(
+    model: Any, config: SamplingConfig, device: torch.device | str, batch: int | None = None
+) -> tuple[SamplingConfig, Any]:
+    """``config`` with ``dtype="auto"`` replaced by the dtype :func:`fastddpm.autodtype.resolve_dtype` picks for
+    this model, device and batch (``batch``: the batch size to time, default ``config.batch_size`` or 1), and
+    that :class:`~fastddpm.autodtype.DtypeChoice` (None when the dtype was explicit).
+
+    Under an initialised ``torch.distributed`` group rank 0's choice is broadcast, so every rank samples with
+    the same dtype (a timing could otherwise differ between ranks, and with it the images).
+    """
+    if config.dtype != "auto":
+        return config, None
+    from .autodtype import resolve_dtype
+
+    device = torch.device(device)
+    chw = infer_shape(model, config.shape)
+    b = int(batch or config.batch_size or 1)
+    example = torch.zeros((b, *chw), dtype=torch.float32, device=device)
+    if wants_channels_last(model):
+        example = example.contiguous(memory_format=torch.channels_last)
+    choice = resolve_dtype("auto", model, example)
+    name = str(choice.dtype).removeprefix("torch.")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [name]
+        torch.distributed.broadcast_object_list(box, src=0)
+        name = box[0]
+    return config.replace(dtype=name), choice
+
+
+def plan_for(schedule: Schedule, config: SamplingConfig, device: torch.device | str) -> StepPlan:
     """The :class:`StepPlan` a config asks for (``x0``: one model evaluation at the schedule's first timestep)."""
     steps = None if config.sampler == "x0" else config.num_inference_steps
     return make_plan(
-        schedule, config.sampler, steps, config.timestep_spacing, config.eta, device, config.use_clipped_model_output
-    )
+        schedule, config.sampler, steps, config.timestep_spacing, config.eta, device, config.use_clipped_model_output,
+        solver_order=config.solver_order, use_karras_sigmas=config.use_karras_sigmas,
+        lower_order_final=config.lower_order_final, final_sigmas_type=config.final_sigmas_type,
+    )  # fmt: skip
 
 
 def plan_steps(schedule: Schedule, config: SamplingConfig) -> int:
     """Model evaluations per image of a config (for progress bars and summaries)."""
     if config.sampler == "x0":
         return 1
-    return len(schedule.timesteps(config.num_inference_steps, config.timestep_spacing))
+    return plan_for(schedule, config, "cpu").num_steps
 
 
 @takes_config
@@ -270,11 +218,11 @@ def iter_batches(
     sampler: str = "ddpm",
     eta: float = 0.0,
     use_clipped_model_output: bool = False,
-    timestep_spacing: str | None = "leading",
+    timestep_spacing: str | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     cuda_graph: Any = "auto",
     shape: tuple[int, int, int] | None = None,
     steps_per_graph: int = 1,
@@ -299,6 +247,7 @@ def iter_batches(
     if n <= 0:
         return
     bs = min(config.batch_size or n, n)
+    config, _ = resolve_auto_dtype(model, config, device, bs)
     plan = plan_for(schedule, config, device)
     name = resolve_backend(config.backend, device, torch.float32)
     use_graphs = _want_graphs(config, device, None)
@@ -342,7 +291,8 @@ def _make_runner(traj: Trajectory, use_graphs: bool, config: SamplingConfig):
 def _generator_mode(
     model, schedule, num_samples, plan: StepPlan, generator: torch.Generator, device, config, chw, progress
 ) -> torch.Tensor:
-    """Noise drawn from ``generator`` in DDPMPipeline's order: x_T, then one z per step with t > 0."""
+    """Noise drawn from ``generator`` in DDPMPipeline's order: x_T, then each step's z as the scheduler draws it
+    (:meth:`fastddpm.driver.StepPlan.generator_noise`)."""
     model_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
     gdev = generator.device
 
@@ -353,12 +303,8 @@ def _generator_mode(
     traj = Trajectory(model, schedule, plan, num_samples, chw, device, name, config.autocast_dtype)
     traj.reset(draw((num_samples, *chw)).float(), 0, 0)
     for i in range(plan.num_steps):
-        t = int(plan.pairs[i, 0])
-        z = None
-        if plan.noise_mode != L.NOISE_NONE:
-            # DDPMScheduler draws z only when t > 0; DDIMScheduler draws it at every step when eta > 0.
-            drawn = t > 0 or plan.sampler == "ddim"
-            z = draw((num_samples, *chw)).float() if drawn else torch.zeros_like(traj.x)
+        z = plan.generator_noise(i, (num_samples, *chw), generator, model_dtype)
+        z = z.to(device) if z is not None else None
         traj.step_once(z)
         if progress is not None:
             progress.update(1)
@@ -380,12 +326,12 @@ def sample(
     sampler: str = "ddpm",
     eta: float = 0.0,
     use_clipped_model_output: bool = False,
-    timestep_spacing: str | None = "leading",
+    timestep_spacing: str | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     cuda_graph: Any = "auto",
     progress: bool = True,
     shape: tuple[int, int, int] | None = None,
@@ -410,8 +356,10 @@ def sample(
         num_inference_steps: steps (``None``: all ``num_train_timesteps``); fewer use the schedule's
             respacing with ``timestep_spacing`` (``"leading"``, ``"linspace"``, ``"trailing"``, ``None`` for
             the schedule's own, or a respacing string such as ``"ddim50"``).
-        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``), or ``"x0"`` (one shot: x0 predicted
-            from x_T at the first timestep ``T - 1``; ``num_inference_steps`` must be ``None`` or 1).
+        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``), ``"x0"`` (one shot: x0 predicted
+            from x_T at the first timestep ``T - 1``; ``num_inference_steps`` must be ``None`` or 1), or a
+            few-step multistep solver: ``"dpmpp_2m"``, ``"dpmpp_3m"``, ``"dpmpp_2m_sde"`` (diffusers'
+            ``DPMSolverMultistepScheduler``) or ``"unipc"`` (``UniPCMultistepScheduler``, bh2).
         eta: DDIM only: noise scale (0 is deterministic DDIM).
         use_clipped_model_output: DDIM only: re-derive epsilon from the clipped x0 (diffusers' option of
             the same name). With ``clip_sample`` and many DDIM steps this keeps x0 and eps consistent.
@@ -420,8 +368,11 @@ def sample(
         generator: a ``torch.Generator``: draw noise from it exactly as diffusers' ``DDPMPipeline`` does
             (single batch, eager).
         device: where to sample (default: the model's device).
-        dtype: ``torch.bfloat16``/``torch.float16`` (or their names) runs the model under autocast; the
-            step math stays fp32.
+        dtype: ``"auto"`` (default): float32, except bf16 autocast on a CPU with native bf16 (AVX512-BF16,
+            AMX) where a timed forward on these shapes is faster (:mod:`fastddpm.autodtype`; cached, so a
+            machine keeps its choice). ``torch.float32``/``"fp32"`` for exact equality with diffusers'
+            pipelines; ``torch.bfloat16``/``torch.float16`` (or their names) run the model under autocast.
+            The step math is float32 in every case.
         cuda_graph: ``"auto"`` captures steps in CUDA graphs on GPU (falls back to eager with one warning if
             capture fails), ``"on"``/``True`` requires it, ``"off"``/``False`` disables it.
         progress: show a tqdm bar (steps/s and images).
@@ -445,6 +396,7 @@ def sample(
     chw = infer_shape(model, config.shape)
     config = config.replace(shape=chw)
     batch_size = config.batch_size
+    config, _ = resolve_auto_dtype(model, config, device, batch_size or num_samples)
     from .progress import progress_bar
 
     was_training = isinstance(model, torch.nn.Module) and model.training

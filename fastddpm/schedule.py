@@ -154,6 +154,19 @@ class Schedule:
             raise TypeError(
                 f"Schedule.from_diffusers expects a diffusers scheduler, its .config, a dict or a path; got {type(source).__name__}"
             )
+        from .solvers import check_multistep_config, multistep_scheduler_name
+
+        multistep = multistep_scheduler_name(
+            config, None if isinstance(source, (str, os.PathLike, Mapping)) else source
+        )
+        if multistep is not None:
+            # DPMSolverMultistep/UniPCMultistep: raise on keys fastddpm cannot honour; they never clip x0 (no
+            # clip_sample key) and store variance_type None for "no learned variance". Their sampler options
+            # (solver_order, use_karras_sigmas, ...) go to fastddpm.solvers.multistep_options_from_diffusers.
+            check_multistep_config(multistep, config)
+            config.setdefault("clip_sample", False)
+            if config.get("variance_type") is None:
+                config.pop("variance_type", None)
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in fields}
         for key in ("num_train_timesteps", "steps_offset"):  # JSON may write 1000 as 1000.0

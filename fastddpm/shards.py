@@ -449,10 +449,10 @@ def sample_sharded(
     sampler: str = "ddpm",
     eta: float = 0.0,
     use_clipped_model_output: bool = False,
-    timestep_spacing: str | None = "leading",
+    timestep_spacing: str | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     cuda_graph: Any = "auto",
     steps_per_graph: int = 1,
     backend: str = "auto",
@@ -486,7 +486,7 @@ def sample_sharded(
         a :class:`ShardedResult`; every rank returns after its shards are written, rank 0 after the merge.
     """
     from .progress import progress_bar
-    from .sampling import _resolve_device, infer_shape, plan_steps
+    from .sampling import _resolve_device, infer_shape, plan_steps, resolve_auto_dtype
 
     assert config is not None  # set by @takes_config
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -500,6 +500,7 @@ def sample_sharded(
     hwc = (chw[1], chw[2], chw[0])
     config = config.replace(shape=chw, batch_size=config.batch_size or min(num_samples, 256))
     batch = config.batch_size
+    config, _ = resolve_auto_dtype(model, config, device, batch)  # the manifest records the dtype used
     shard_size = resolve_shard_size(shard_size, batch)
     ranges = shard_ranges(num_samples, shard_size)
     folder = ShardFolder(shard_folder(out))

@@ -84,6 +84,7 @@ def test_auto_on_native_bf16_follows_the_measurement(monkeypatch, fp32_ms, bf16_
 
 def test_auto_choice_is_cached_on_disk_and_reused(monkeypatch):
     _native(monkeypatch, True)
+    monkeypatch.setattr(autodtype, "MIN_PARAMS", 0)
     model, x = _model(), torch.zeros(2, 3, 4, 4)
     first = resolve_dtype("auto", model, x, measure=lambda d: 300.0 if d == torch.float32 else 100.0)
     assert first.dtype == torch.bfloat16
@@ -91,10 +92,29 @@ def test_auto_choice_is_cached_on_disk_and_reused(monkeypatch):
     monkeypatch.setattr(autodtype, "_real_measure", lambda *a: pytest.fail("measured again"))
     again = resolve_dtype("auto", model, x)
     assert again.dtype == torch.bfloat16 and "cached" in again.reason
-    # Another batch shape is another key: measured anew (here with the real timing, on a tiny model: fp32).
-    monkeypatch.undo()
-    monkeypatch.setattr(autodtype, "_cpu_flags", lambda: {"avx512_bf16"})
+    # Another batch shape is another key: measured anew.
+    monkeypatch.setattr(autodtype, "_real_measure", lambda *a: lambda d: 100.0)
     assert resolve_dtype("auto", model, torch.zeros(3, 3, 4, 4)).dtype == torch.float32
+
+
+def test_small_models_stay_float32_without_timing(monkeypatch):
+    """Below MIN_PARAMS no timing runs (too short to trust on a busy machine, and never a gain)."""
+    _native(monkeypatch, True)
+    monkeypatch.setattr(autodtype, "_real_measure", lambda *a: pytest.fail("timed a small model"))
+    choice = resolve_dtype("auto", _model(), torch.zeros(2, 3, 4, 4))
+    assert choice.dtype == torch.float32 and "too small" in choice.reason
+
+
+def test_real_timing_alternates_and_reports_medians(monkeypatch):
+    """The real measurement on a model above the size floor: both dtypes timed, a valid choice made."""
+    _native(monkeypatch, True)
+    monkeypatch.setattr(autodtype, "MIN_PARAMS", 0)
+    monkeypatch.setattr(autodtype, "MIN_FP32_MS", 0.0)
+    choice = resolve_dtype("auto", _model(), torch.zeros(2, 3, 8, 8))
+    assert choice.fp32_ms > 0 and choice.bf16_ms > 0
+    assert choice.dtype == (
+        torch.bfloat16 if choice.bf16_ms * autodtype.MIN_SPEEDUP <= choice.fp32_ms else torch.float32
+    )
 
 
 def test_auto_off_the_cpu_is_float32():

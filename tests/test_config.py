@@ -23,7 +23,7 @@ SHAPE = (2, 3, 5)
 def _multistep() -> str:
     """A multistep sampler name, registered if the registry does not have one yet (issue 11 adds them)."""
     have = [s for s in sampling.SAMPLERS if s in MULTISTEP_SAMPLERS]
-    return have[0] if have else MULTISTEP_SAMPLERS[0]
+    return "unipc" if "unipc" in have else (have[0] if have else MULTISTEP_SAMPLERS[0])  # unipc takes orders 1-3
 
 
 # A non-default value for every field, with the other fields it needs. A new field without an entry here
@@ -43,10 +43,10 @@ def _probes() -> dict[str, dict]:
         "steps_per_graph": {"steps_per_graph": random.randint(2, 5)},
         "backend": {"backend": "reference"},
         "shape": {"shape": SHAPE},
-        "solver_order": {"sampler": ms, "solver_order": random.choice([1, 3])},
-        "use_karras_sigmas": {"sampler": ms, "use_karras_sigmas": True},
-        "lower_order_final": {"sampler": ms, "lower_order_final": False},
-        "final_sigmas_type": {"sampler": ms, "final_sigmas_type": "sigma_min"},
+        "solver_order": {"sampler": ms, "num_inference_steps": 4, "solver_order": random.choice([1, 3])},
+        "use_karras_sigmas": {"sampler": ms, "num_inference_steps": 4, "use_karras_sigmas": True},
+        "lower_order_final": {"sampler": ms, "num_inference_steps": 4, "lower_order_final": False},
+        "final_sigmas_type": {"sampler": ms, "num_inference_steps": 4, "final_sigmas_type": "sigma_min"},
     }
 
 
@@ -112,7 +112,7 @@ def test_sampler_names_come_from_the_registry_at_validation_time(monkeypatch):
         ({"steps_per_graph": 0}, "steps_per_graph", ">= 1"),
         ({"cuda_graph": "always"}, "cuda_graph", "allowed: 'auto', 'on', 'off', True, False"),
         ({"cuda_graph": None}, "cuda_graph", "allowed"),
-        ({"dtype": torch.float64}, "dtype", "allowed: 'float32', 'bfloat16', 'float16'"),
+        ({"dtype": torch.float64}, "dtype", "allowed: 'auto', 'float32', 'bfloat16', 'float16'"),
         ({"dtype": "fp16"}, "dtype", "allowed"),
         ({"backend": "gpu"}, "backend", "allowed: 'auto', 'reference'"),
         ({"timestep_spacing": "evenly"}, "timestep_spacing", "allowed: 'leading'"),
@@ -142,7 +142,10 @@ def test_normalisation():
     assert SamplingConfig(dtype=None).dtype == SamplingConfig(dtype=torch.float32).dtype == "float32"
     cfg = SamplingConfig(dtype=torch.bfloat16)
     assert cfg.dtype == "bfloat16" and cfg.torch_dtype == torch.bfloat16 == cfg.autocast_dtype
-    assert SamplingConfig().autocast_dtype is None
+    assert SamplingConfig(dtype="float32").autocast_dtype is None
+    assert SamplingConfig().dtype == "auto"  # resolved per model and device by sampling.resolve_auto_dtype
+    with pytest.raises(ValueError, match="resolve_auto_dtype"):
+        SamplingConfig().torch_dtype
     assert SamplingConfig(seed=np.uint64(2**64 - 1)).seed == 2**64 - 1  # numpy ints are ints
     assert SamplingConfig(shape=[1, np.int64(8), 8]).shape == (1, 8, 8)
     assert SamplingConfig(sampler="x0", num_inference_steps=1).num_inference_steps == 1
@@ -195,9 +198,12 @@ def test_each_option_reaches_the_one_process_and_the_sharded_path(name, with_mul
     cfg = SamplingConfig(sampler="ddim", eta=0.3, seed=7, shape=SHAPE)
     fastddpm.sample(_model, schedule, 5, device="cpu", progress=False, config=cfg)
     assert len(recorded) == 3
+    want = SamplingConfig(**kw)
+    if want.dtype == "auto":  # resolved before sampling; a plain function (no parameters) gets float32
+        want = want.replace(dtype="float32")
     for got in recorded[:2]:
-        assert getattr(got, name) == getattr(SamplingConfig(**kw), name), name
-    assert recorded[2] == cfg
+        assert getattr(got, name) == getattr(want, name), name
+    assert recorded[2] == cfg.replace(dtype="float32")
     manifest = json.loads((shards.shard_folder(tmp_path / "s.npz") / "manifest.json").read_text())
     assert SamplingConfig.from_dict(manifest["config"]["sampling"]) == recorded[1]  # recorded whole
 

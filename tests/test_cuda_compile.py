@@ -42,7 +42,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def test_there_are_cuda_sources():
-    assert [p.name for p in CU_FILES] == ["cuda_kernels.cu"]
+    assert [p.name for p in CU_FILES] == ["cuda_kernels.cu", "cuda_multistep.cu"]
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
@@ -72,7 +72,7 @@ _CONSTANTS = {k: v for k, v in vars(L).items() if k.isupper() and isinstance(v, 
 def _math_probe(tmp_path, seed: int, g: int, t: int, stream: int, groups: int) -> dict[str, list[str]]:
     """Compile and run a program that prints the header's constants, Philox words and normals."""
     lines = [
-        '#include "fastddpm_math.h"',
+        '#include "fastddpm_multistep.h"',  # includes fastddpm_math.h
         "#include <cinttypes>",
         "#include <cstdio>",
         "#include <cstdlib>",

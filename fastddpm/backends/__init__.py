@@ -31,6 +31,22 @@ var_mode, noise_mode, x0_only) -> None``
     out [B, N] any float dtype, ``stride(1) == 1``; t [B] int64 (may have stride 0);
     fills out[b, e] with the counter-based normal for (seed, sample_offset + b, t[b], e, stream).
 
+``multistep(x, m, xp, hist, noise, x0_out, coef, tval, step, thresh, rng, *, clip_mode, clip_range,
+noise_mode, x0_only) -> None``
+    One step of a multistep solver (``MS_*`` columns of :mod:`fastddpm._layout`), in place.
+    x        [B, N] float32 state x_i, overwritten with x_{i+1}, ``stride(1) == 1``.
+    m        [B, N] model output at x_i (first C channels), fp32/fp16/bf16, ``stride(1) == 1``.
+    xp       [B, N] float32 previous corrected sample (UniPC), overwritten with this step's xc.
+    hist     [3, B, N] float32 ring of data predictions: D_k of step i is slot ``(i - k) % 3``; D0 is
+             written to slot ``i % 3``. ``xp``/``hist`` may be None when ``x0_only``.
+    noise    [B, N] caller noise (NOISE_TENSOR) or None.
+    x0_out   [B, N] float32 output of the ``x0_only`` pass (D0, clipped under CLIP_RANGE), else None.
+    coef     [S, NMS] float32 contiguous table (float64 too on the reference backend).
+    tval     [S] int64 timestep of each step (the SDE noise counter's t, stream STREAM_SDE).
+    step     [1] int64 device step counter i (the row of coef/tval; read on the device).
+    thresh   [B] float32 dynamic threshold (CLIP_THRESHOLD) or None.
+    rng      [2] int64 ``(seed, sample_offset)``.
+
 Every launcher also has ``available() -> tuple[bool, str]`` saying whether it can run here and, if
 not, why (no compiler, no GPU, triton missing, build failed, ...).
 """

@@ -74,3 +74,33 @@ class ExtensionLaunchers:
         ``[B]`` (stride 0 allowed), ``rng`` int64 ``[seed, sample_offset]``. See :mod:`fastddpm.backends`.
         """
         self._load().randn(out, t, rng, stream=int(stream))
+
+    def multistep(
+        self,
+        x: torch.Tensor,
+        m: torch.Tensor,
+        xp: torch.Tensor | None,
+        hist: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        x0_out: torch.Tensor | None,
+        coef: torch.Tensor,
+        tval: torch.Tensor,
+        step: torch.Tensor,
+        thresh: torch.Tensor | None,
+        rng: torch.Tensor,
+        *,
+        clip_mode: int,
+        clip_range: float,
+        noise_mode: int,
+        x0_only: bool,
+    ) -> None:
+        """One fused multistep-solver step on ``[B, N]`` views; updates ``x``, ``xp`` and the ring ``hist``
+        in place (``x0_only``: writes only ``x0_out``). See :mod:`fastddpm.backends`."""
+        from .triton import check_multistep_args  # metadata only; does not import triton
+
+        check_multistep_args(x, m, xp, hist, noise, x0_out, coef, tval, step, thresh, rng, clip_mode, noise_mode,
+                             x0_only)  # fmt: skip
+        self._load().multistep(
+            x, m, xp, hist, noise, x0_out, coef, tval, step, thresh, rng,
+            clip_mode=int(clip_mode), clip_range=float(clip_range), noise_mode=int(noise_mode), x0_only=bool(x0_only),
+        )  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from .. import _build
 from ._extension import ExtensionLaunchers
 
-__all__ = ["available", "group_norm_silu", "q_sample", "randn", "step"]
+__all__ = ["available", "multistep", "group_norm_silu", "q_sample", "randn", "step"]
 
 
 def available(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -38,6 +38,7 @@ _launchers = ExtensionLaunchers(_build.load_cpu_extension)
 step = _launchers.step
 q_sample = _launchers.q_sample
 randn = _launchers.randn
+multistep = _launchers.multistep
 
 
 def group_norm_silu(

@@ -16,7 +16,7 @@ import torch
 from .. import _build
 from ._extension import ExtensionLaunchers
 
-__all__ = ["available", "q_sample", "randn", "step"]
+__all__ = ["available", "multistep", "q_sample", "randn", "step"]
 
 
 def available(device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -41,3 +41,4 @@ _launchers = ExtensionLaunchers(_build.load_cuda_extension)
 step = _launchers.step
 q_sample = _launchers.q_sample
 randn = _launchers.randn
+multistep = _launchers.multistep

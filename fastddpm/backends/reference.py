@@ -74,3 +74,40 @@ def randn(out, t, rng, *, stream) -> None:
     seed, offset = _rng_values(rng)
     g = torch.arange(offset, offset + out.shape[0], dtype=torch.int64, device=out.device)
     out.copy_(philox_normal(seed, g, t, out.shape[1], stream))
+
+
+def multistep(x, m, xp, hist, noise, x0_out, coef, tval, step, thresh, rng, *, clip_mode, clip_range, noise_mode,
+              x0_only) -> None:  # fmt: skip
+    """One multistep-solver step in plain PyTorch (see :mod:`fastddpm.backends`, ``MS_*`` in :mod:`fastddpm._layout`).
+
+    Runs in the dtype of ``x`` (float32, bitwise as the fused kernels, or float64 as the spec); ``coef``
+    and ``m`` are cast to it. Reads ``rng`` on the host only for in-kernel noise (NOISE_PHILOX).
+    """
+    dt = x.dtype
+    i = step.reshape(1)
+    c = coef.index_select(0, i).to(dt).reshape(-1)  # [NMS]
+    xf, mf = x, m.to(dt)
+    d0 = c[L.MS_CX] * xf + c[L.MS_CM] * mf
+    if clip_mode == L.CLIP_RANGE:
+        d0 = d0.clamp(-clip_range, clip_range)
+    if x0_only:
+        x0_out.copy_(d0)
+        return
+    if clip_mode == L.CLIP_THRESHOLD:
+        s = thresh.to(dt).reshape(-1, 1)
+        d0 = torch.clamp(d0, -s, s) / s
+    slots = torch.remainder(i - torch.arange(1, L.MS_HIST + 1, device=i.device), L.MS_HIST)  # D1, D2, D3
+    d1, d2, d3 = hist.index_select(0, slots).unbind(0)
+    xc = c[L.MS_KX] * xf + c[L.MS_KXP] * xp + c[L.MS_KD0] * d0 + c[L.MS_KD1] * d1 + c[L.MS_KD2] * d2 + c[L.MS_KD3] * d3
+    xn = c[L.MS_PX] * xc + c[L.MS_PD0] * d0 + c[L.MS_PD1] * d1 + c[L.MS_PD2] * d2
+    if noise_mode == L.NOISE_TENSOR:
+        xn = xn + c[L.MS_PZ] * noise.to(dt)
+    elif noise_mode == L.NOISE_PHILOX:
+        seed, offset = _rng_values(rng)
+        g = torch.arange(offset, offset + x.shape[0], dtype=torch.int64, device=x.device)
+        t = tval.index_select(0, i).expand(x.shape[0])
+        z = philox_normal(seed, g, t, x.shape[1], L.STREAM_SDE, dtype=dt)
+        xn = xn + c[L.MS_PZ] * z
+    hist.index_copy_(0, torch.remainder(i, L.MS_HIST), d0.unsqueeze(0))
+    xp.copy_(xc)
+    x.copy_(xn)

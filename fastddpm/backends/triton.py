@@ -20,7 +20,7 @@ import torch
 
 from .. import _layout as L
 
-__all__ = ["available", "q_sample", "randn", "step", "triton_compiles_for_cuda"]
+__all__ = ["available", "multistep", "q_sample", "randn", "step", "triton_compiles_for_cuda"]
 
 _MAX_GRID_Y = 65535  # CUDA limit of gridDim.y; larger batches are split into several launches
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,13 +36,14 @@ def _kernels() -> types.SimpleNamespace:
     """Import the kernel modules once (imports triton; raises ImportError when it is missing)."""
     import triton
 
-    from fastddpm.kernels import ddpm_step, philox, q_sample, randn
+    from fastddpm.kernels import ddpm_step, multistep, philox, q_sample, randn
 
     return types.SimpleNamespace(
         triton=triton,
         step=ddpm_step.ddpm_step_kernel,
         q_sample=q_sample.q_sample_kernel,
         randn=randn.randn_kernel,
+        multistep=multistep.multistep_kernel,
         block_config=philox.block_config,
     )
 
@@ -366,3 +367,86 @@ def randn(out: torch.Tensor, t: torch.Tensor, rng: torch.Tensor, *, stream: int)
                 BLOCK_G=block_g,
                 num_warps=num_warps,
             )
+
+
+def check_multistep_args(x, m, xp, hist, noise, x0_out, coef, tval, step, thresh, rng, clip_mode, noise_mode, x0_only):
+    """Metadata checks of a multistep launch (shared by the triton and compiled launchers; never reads data)."""
+    _check_mode("clip_mode", clip_mode, _CLIP_MODES)
+    _check_mode("noise_mode", noise_mode, _NOISE_MODES)
+    if x.dim() != 2:
+        raise ValueError(f"x must be a [B, N] view, got shape {list(x.shape)}")
+    shape, dev = (x.shape[0], x.shape[1]), x.device
+    _check_bn("x", x, shape, dev, (torch.float32,))
+    _check_bn("m", m, shape, dev)
+    if x0_only:
+        if x0_out is None:
+            raise ValueError("x0_only needs x0_out (float32)")
+        _check_bn("x0_out", x0_out, shape, dev, (torch.float32,))
+    else:
+        _check_bn("xp", xp, shape, dev, (torch.float32,))
+        if hist.dim() != 3 or tuple(hist.shape) != (L.MS_HIST, *shape) or hist.dtype != torch.float32:
+            raise ValueError(f"hist must be a float32 [{L.MS_HIST}, B, N] = {[L.MS_HIST, *shape]} ring, got "
+                             f"{hist.dtype} {list(hist.shape)}")  # fmt: skip
+        if shape[1] > 1 and hist.stride(2) != 1:
+            raise ValueError(f"hist must have unit stride inside a sample, got strides {hist.stride()}")
+        if hist.device != dev:
+            raise ValueError(f"hist is on {hist.device}, expected {dev} (the device of the sample)")
+        if noise_mode == L.NOISE_TENSOR:
+            if noise is None:
+                raise ValueError("noise_mode NOISE_TENSOR needs a noise tensor")
+            _check_bn("noise", noise, shape, dev, _ANY_FLOAT)
+        if clip_mode == L.CLIP_THRESHOLD:
+            if thresh is None:
+                raise ValueError("clip_mode CLIP_THRESHOLD needs thresh (the per-sample threshold s)")
+            _check_vec("thresh", thresh, shape[0], torch.float32, dev)
+    if coef.dim() != 2 or coef.shape[1] != L.NMS or coef.dtype != torch.float32 or not coef.is_contiguous():
+        raise ValueError(f"coef must be a contiguous float32 [S, {L.NMS}] table, got {coef.dtype} {list(coef.shape)}")
+    if coef.device != dev:
+        raise ValueError(f"coef is on {coef.device}, expected {dev} (the device of the sample)")
+    _check_vec("tval", tval, coef.shape[0], torch.int64, dev)
+    _check_vec("step", step, 1, torch.int64, dev)
+    _check_rng(rng, dev)
+
+
+def multistep(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    xp: torch.Tensor | None,
+    hist: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    x0_out: torch.Tensor | None,
+    coef: torch.Tensor,
+    tval: torch.Tensor,
+    step: torch.Tensor,
+    thresh: torch.Tensor | None,
+    rng: torch.Tensor,
+    *,
+    clip_mode: int,
+    clip_range: float,
+    noise_mode: int,
+    x0_only: bool,
+) -> None:
+    """One fused multistep-solver step on ``[B, N]`` views; updates ``x``, ``xp`` and ``hist`` in place
+    (``x0_only``: writes only ``x0_out``). See :mod:`fastddpm.backends` and ``MS_*`` in :mod:`fastddpm._layout`."""
+    k = _kernels()
+    check_multistep_args(x, m, xp, hist, noise, x0_out, coef, tval, step, thresh, rng, clip_mode, noise_mode, x0_only)
+    batch, numel = x.shape
+    if batch == 0 or numel == 0:
+        return
+    block_g, num_warps = k.block_config(numel)
+    grid_x = k.triton.cdiv(k.triton.cdiv(numel, 4), block_g)
+    # Pointers a mode does not read are replaced by x (never dereferenced; constexpr-pruned).
+    xp_arg = x if x0_only else xp
+    hist_arg = x.unsqueeze(0) if x0_only else hist
+    noise_arg = noise if (noise_mode == L.NOISE_TENSOR and not x0_only) else x
+    x0_arg = x0_out if x0_only else x
+    thresh_arg = thresh if (clip_mode == L.CLIP_THRESHOLD and not x0_only) else coef
+    with _device_guard(x.device):
+        for b_base, count in _batch_chunks(batch):
+            k.multistep[(grid_x, count)](
+                x, m, xp_arg, hist_arg, noise_arg, x0_arg, coef, tval, step, thresh_arg, rng,
+                numel, b_base, x.stride(0), m.stride(0), xp_arg.stride(0), hist_arg.stride(0), hist_arg.stride(1),
+                noise_arg.stride(0), x0_arg.stride(0), tval.stride(0), thresh_arg.stride(0), float(clip_range),
+                CLIP_MODE=clip_mode, NOISE_MODE=noise_mode, X0_ONLY=bool(x0_only), BLOCK_G=block_g,
+                num_warps=num_warps, enable_fp_fusion=False,
+            )  # fmt: skip

@@ -18,12 +18,13 @@ from .._argtypes import positive_int
 from ..config import ConfigError, SamplingConfig
 from . import _checks
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # The flag that sets each SamplingConfig field, for error messages.
 FLAGS = {
     "sampler": "--sampler", "num_inference_steps": "--steps", "timestep_spacing": "--spacing", "eta": "--eta",
     "use_clipped_model_output": "--use-clipped-model-output", "seed": "--seed", "batch_size": "--batch-size",
-    "dtype": "--dtype", "cuda_graph": "--no-cuda-graph", "backend": "--backend",
+    "dtype": "--dtype", "cuda_graph": "--no-cuda-graph", "backend": "--backend", "solver_order": "--solver-order",
+    "use_karras_sigmas": "--karras",
 }  # fmt: skip
 
 
@@ -42,17 +43,30 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="inference steps (default: the model's sampling.json if it has one -- 250 for digits -- else "
                         "all training steps; x0 is always one model evaluation)")  # fmt: skip
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm", help="sampler (default ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0; --sampler ddim only)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="sampler (default: the model's sampling.json, else ddpm); dpmpp_2m, dpmpp_3m, dpmpp_2m_sde "
+                        "and unipc are the few-step multistep solvers")  # fmt: skip
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0; --sampler ddim only)")
+    p.add_argument("--solver-order", type=int, default=None, choices=(1, 2, 3),
+                   help="UniPC's order (default 2; multistep samplers only)")  # fmt: skip
+    p.add_argument("--karras", action="store_true",
+                   help="Karras sigma spacing (diffusers' use_karras_sigmas; multistep samplers only)")  # fmt: skip
     p.add_argument("--use-clipped-model-output", action="store_true",
                    help="DDIM: re-derive the noise from the clipped x0 (keeps many-step DDIM consistent with clip_sample)")  # fmt: skip
-    p.add_argument("--spacing", default="leading", help="timestep spacing: leading, linspace, trailing or e.g. ddim50")
+    p.add_argument(
+        "--spacing",
+        default=None,
+        help="timestep spacing: leading, linspace, trailing or e.g. ddim50 (default: the model's sampling.json, else its "
+        "scheduler config's timestep_spacing)",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed, 0 <= seed < 2**64 (default 0)")
     p.add_argument(
         "--batch-size", type=positive_int, default=None, help="images per batch (default: all at once, at most 256)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model precision (step math is always fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="U-Net precision; auto (default): fp32, or bf16 autocast on a CPU with native bf16 where a "
+                        "timed forward is faster (the summary line says which). The step math is always fp32")  # fmt: skip
     p.add_argument("--out", default="samples.png", help="output .png (grid) or .npz (default samples.png)")
     p.add_argument("--shard-size", type=positive_int, default=None,
                    help="write resumable shards of this many images next to --out (default under torchrun: 4 batches)")  # fmt: skip
@@ -70,10 +84,11 @@ def config_from_args(args: argparse.Namespace, steps: int | None) -> SamplingCon
     """The one :class:`SamplingConfig` of a ``fastddpm sample`` command line (errors name the flag)."""
     try:
         return SamplingConfig(
-            sampler=args.sampler, num_inference_steps=steps, timestep_spacing=args.spacing, eta=args.eta,
-            use_clipped_model_output=args.use_clipped_model_output, seed=args.seed,
-            batch_size=args.batch_size or min(args.num_samples, 256), dtype=DTYPES[args.dtype],
+            sampler=args.sampler or "ddpm", num_inference_steps=steps, timestep_spacing=args.spacing,
+            eta=0.0 if args.eta is None else args.eta, use_clipped_model_output=args.use_clipped_model_output,
+            seed=args.seed, batch_size=args.batch_size or min(args.num_samples, 256), dtype=DTYPES[args.dtype],
             cuda_graph="off" if args.no_cuda_graph else "auto", backend=args.backend,
+            solver_order=getattr(args, "solver_order", None), use_karras_sigmas=getattr(args, "karras", False),
         )  # fmt: skip
     except ConfigError as e:
         raise ValueError(f"{FLAGS.get(e.field, e.field)}: {e}") from None
@@ -95,12 +110,27 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    from ..registry import recommended_steps
+def apply_model_defaults(args: argparse.Namespace) -> int | None:
+    """Fill ``--sampler``, ``--eta`` and ``--spacing`` left unset from the model's ``sampling.json``
+    (a distilled student names its sampler there) and return the step count to use: ``--steps``, else the
+    file's (x0: None, one evaluation). ``eta`` and the spacing are taken only with the file's own sampler."""
+    from ..registry import sampling_defaults
 
-    steps = args.steps
-    if steps is None and args.sampler != "x0":
-        steps = recommended_steps(args.model)
+    defaults = sampling_defaults(args.model)
+    if args.sampler is None:
+        args.sampler = defaults.get("sampler", "ddpm")
+    if args.sampler == defaults.get("sampler", "ddpm"):
+        if args.eta is None and "eta" in defaults and args.sampler == "ddim":
+            args.eta = defaults["eta"]
+        if args.spacing is None:
+            args.spacing = defaults.get("timestep_spacing")
+    if args.sampler == "x0":
+        return args.steps
+    return args.steps if args.steps is not None else defaults.get("num_inference_steps")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    steps = apply_model_defaults(args)
     config = config_from_args(args, steps)
     device = _checks.check_device(args.device)
     sharded = os.environ.get("WORLD_SIZE", "1") not in ("", "1") or args.shard_size
@@ -137,10 +167,20 @@ def _summary(schedule: Any, config: SamplingConfig) -> str:
         import torch
 
         t = int(plan_for(schedule, config, torch.device("cpu")).pairs[0, 0])
-        return f"x0, one model evaluation at t={t}"
+        return f"x0, one model evaluation at t={t}, {config.dtype}"
     from ..sampling import plan_steps
 
-    return f"{config.sampler}, {plan_steps(schedule, config)} steps"
+    return f"{config.sampler}, {plan_steps(schedule, config)} steps, {config.dtype}"
+
+
+def _resolve_dtype(model: Any, config: SamplingConfig, device: Any, quiet: bool = False) -> SamplingConfig:
+    """``--dtype auto`` made concrete for this model and device, with one line saying what was chosen and why."""
+    from ..sampling import resolve_auto_dtype
+
+    config, choice = resolve_auto_dtype(model, config, device)
+    if choice is not None and not quiet:
+        print(f"dtype: {config.dtype} ({choice.reason})", file=sys.stderr)
+    return config
 
 
 def _run_one_process(args: argparse.Namespace, out: Path, device: Any, config: SamplingConfig) -> int:
@@ -150,6 +190,7 @@ def _run_one_process(args: argparse.Namespace, out: Path, device: Any, config: S
 
     model, schedule, desc = load_model(args.model, device)
     model = prepare_unet(model, args.compile)
+    config = _resolve_dtype(model, config, device)
     t0 = time.perf_counter()
     images = sample(model, schedule, args.num_samples, device=device, progress=not args.quiet, config=config)
     path = save_samples(images, out)
@@ -173,12 +214,13 @@ def run_sharded_sample(args: argparse.Namespace, out: Path, device: Any, config:
     from ..shards import sample_sharded, shard_folder
 
     if config is None:
-        config = config_from_args(args, args.steps)
+        config = config_from_args(args, apply_model_defaults(args))
     device, created = D.init_from_env(device)
     try:
         rank, ws = D.world()
         model, schedule, desc = load_model(args.model, device)
         model = prepare_unet(model, getattr(args, "compile", None))  # as the one-process path: the same images
+        config = _resolve_dtype(model, config, device, quiet=rank != 0)  # rank 0's choice, broadcast
         t0 = time.perf_counter()
         res = sample_sharded(
             model, schedule, out, args.num_samples, shard_size=getattr(args, "shard_size", None), device=device,

@@ -176,25 +176,31 @@ def predicted_x0_trajectory(
         nearest timestep of the schedule), ``xt`` and ``x0`` float32 ``[len(ts), N, C, H, W]`` on the
         CPU, ``final`` float32 ``[N, C, H, W]`` in [-1, 1].
     """
-    from ..ops import ddpm_step, randn
+    from ..dispatch import resolve_backend
+    from ..driver import Stepper, make_plan
+    from ..ops import randn
     from ..sampling import model_call
 
     device = torch.device(device)
-    pairs = schedule.timesteps(num_inference_steps, spacing)
-    avail = pairs[:, 0].tolist()
+    plan = make_plan(schedule, "ddpm", num_inference_steps, spacing, 0.0, device)
+    avail = plan.pairs[:, 0].tolist()
     wanted = sorted({min(avail, key=lambda a, r=r: (abs(a - r), -a)) for r in record_timesteps}, reverse=True)
     T = schedule.num_train_timesteps
-    x = randn((num_images, *shape), seed=seed, t=T, stream=L.STREAM_INIT, device=device, backend=backend)
+    name = resolve_backend(backend, device, torch.float32)
+    stepper = Stepper(plan, schedule, num_images, shape, device, name, keep_x0=True)
+    stepper.reset(
+        randn((num_images, *shape), seed=seed, t=T, stream=L.STREAM_INIT, device=device, backend=name), seed, 0
+    )
     xts, x0s = [], []
     with torch.inference_mode():
-        for t, prev in pairs.tolist():
+        for t in avail:
             tt = torch.full((num_images,), t, dtype=torch.int64, device=device)
-            out = model_call(model, x, tt).float()
-            x_next, x0 = ddpm_step(out, t, x, schedule, prev_t=prev, seed=seed, backend=backend)
+            x_t = stepper.x.cpu().clone() if t in wanted else None
+            stepper.advance(model_call(model, stepper.x, tt).float())
             if t in wanted:
-                xts.append(x.cpu().clone())
-                x0s.append(x0.cpu().clone())
-            x = x_next
+                xts.append(x_t)
+                x0s.append(stepper.x0.cpu().clone())
+    x = stepper.x
     return wanted, torch.stack(xts), torch.stack(x0s), x.clamp(-1.0, 1.0).cpu()
 
 
