@@ -45,7 +45,7 @@ def _probes() -> dict[str, dict]:
         "shape": {"shape": SHAPE},
         "solver_order": {"sampler": ms, "num_inference_steps": 4, "solver_order": random.choice([1, 3])},
         "use_karras_sigmas": {"sampler": ms, "num_inference_steps": 4, "use_karras_sigmas": True},
-        "lower_order_final": {"sampler": ms, "num_inference_steps": 4, "lower_order_final": False},
+        "lower_order_final": {"sampler": "dpmpp_2m", "num_inference_steps": 4, "lower_order_final": False},
         "final_sigmas_type": {"sampler": ms, "num_inference_steps": 4, "final_sigmas_type": "sigma_min"},
     }
 
