@@ -121,3 +121,14 @@ def test_auto_off_the_cpu_is_float32():
     x = torch.zeros(2, 3, 4, 4, device="meta")
     choice = resolve_dtype("auto", _model(), x, measure=lambda d: pytest.fail("measured"))
     assert choice.dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_info_reports_the_cpu_bf16_support_and_the_auto_rule(monkeypatch, capsys, native):
+    from fastddpm.cli import main
+
+    _native(monkeypatch, native)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"avx512_bf16 {'yes' if native else 'no'}" in out
+    assert ("bf16 autocast for models" in out) == native and ("no native bf16" in out) == (not native)

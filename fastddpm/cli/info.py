@@ -35,8 +35,16 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"diffusers {diffusers.__version__}")
     except ImportError:
         print("diffusers: not installed (optional; needed for the DDPMPipeline comparison)")
-    print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    from ..autodtype import MIN_PARAMS, MIN_SPEEDUP, cpu_bf16_features
+
+    feats = cpu_bf16_features()
+    print(f"cpu: {feats['cpu']}, {os.cpu_count()} cores, capability {feats['capability']}, "
+          f"avx512_bf16 {'yes' if feats['avx512_bf16'] else 'no'}, amx_bf16 {'yes' if feats['amx_bf16'] else 'no'}")  # fmt: skip
+    if feats["native_bf16"]:
+        print(f"dtype auto on cpu: bf16 autocast for models >= {MIN_PARAMS / 1e6:.0f} M parameters where a timed "
+              f"forward is >= {MIN_SPEEDUP}x faster than fp32 (decided per model and batch, cached), else fp32")  # fmt: skip
+    else:
+        print("dtype auto on cpu: fp32 (no native bf16 on this CPU; bf16 would be emulated and slow)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
