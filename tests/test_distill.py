@@ -271,10 +271,19 @@ def test_two_gloo_ranks_match_one_process_and_resume(tmp_path):
     for r in range(2):
         got = torch.load(result_dir / f"rank{r}.pt", weights_only=True)
         assert got["losses"] == pytest.approx(ref.losses, rel=1e-5, abs=1e-6)
+        # DDP averages gradients in another order than one process sums them: float noise. Adam divides by
+        # the gradient's own scale, so where a gradient is ~0 that noise can flip an update's sign; such an
+        # element may move by up to 2*lr per optimizer step. Bound: nearly every element within float noise,
+        # none beyond 2*lr*steps (3 rounds of 2 steps here).
+        steps = 3 * DDP_KW["steps_per_round"]
+        n_loose = n_all = 0
         for k, want in ref.model.state_dict().items():
-            if k.endswith("to_k.bias"):  # float-noise gradient that Adam scales up (see test_training_ddp.py)
-                continue
-            torch.testing.assert_close(got["ema"][k], want, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+            have = got["ema"][k]
+            diff = (have - want).abs()
+            assert float(diff.max()) <= 2 * DDP_KW["lr"] * steps, k
+            n_loose += int((diff > 1e-5 + 1e-4 * want.abs()).sum())
+            n_all += want.numel()
+        assert n_loose <= max(8, n_all // 1000), f"{n_loose} of {n_all} weights beyond float noise"
     saved = UNet.from_pretrained(out_dir / round_dir_name(2, 1)).state_dict()
     got0 = torch.load(result_dir / "rank0.pt", weights_only=True)["ema"]
     assert all(torch.equal(saved[k], v) for k, v in got0.items())
