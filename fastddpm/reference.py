@@ -26,16 +26,14 @@ sample's device, ``noise`` (if given) has the sample's shape.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _layout as L
 from .coefficients import ddim_coefficients, ddpm_coefficients
 from .noise import div_f32, exp_f32, philox_normal
 from .schedule import LEARNED_VARIANCES, Schedule
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -58,8 +56,10 @@ def step_noise(
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Per-sample threshold ``s`` ``[B]`` (Saharia et al. 2022, sec. 3): the ``ratio`` quantile of |x0|,
     clamped to ``[1, max_value]``. Computed in float32 (float64 for float64 input), as diffusers."""
-    a = x0.reshape(x0.shape[0], -1).abs().to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
-    n = a.shape[1]
+    b, n = x0.shape[0], math.prod(x0.shape[1:])
+    a = x0.reshape(b, n).abs().to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    if b == 0 or n == 0:  # nothing to threshold: s = 1 (the lower clamp)
+        return torch.ones(b, dtype=a.dtype, device=a.device)
     # Linear-interpolated quantile via kthvalue (torch.quantile caps its input at 2**24 elements).
     pos = ratio * (n - 1)
     lo = int(pos)
@@ -206,14 +206,23 @@ def ddpm_step(
     noise: torch.Tensor | None,
     seed: int | None,
     sample_offset: int = 0,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One reverse DDPM step x_t -> x_{prev_t}; returns ``(prev_sample, pred_original_sample)``."""
-    if sample.dtype != torch.float64:  # the float32 kernel spec, bitwise as the fused backends
+    """One reverse DDPM step x_t -> x_{prev_t}; returns ``(prev_sample, pred_original_sample)``.
+
+    ``compute_dtype`` None: the float64 formulas for float64 samples, the float32 kernel spec
+    otherwise. ``torch.float64`` / ``torch.float32``: the formulas below in that dtype whatever the
+    sample's (float32: what plain PyTorch arithmetic gives, the baseline fused errors are held to).
+    """
+    if (
+        compute_dtype is None and sample.dtype != torch.float64
+    ):  # the float32 kernel spec, bitwise as the fused backends
         coef = ddpm_coefficients(schedule, t, prev_t)
         x, m, v = _f32_inputs(model_output, sample, schedule, split_variance=True)
         z = _f32_noise(noise, sample, t, seed, sample_offset)
         return _f32_step(schedule, coef, x, m, v, z, sample)
-    dtype = _compute_dtype(sample)
+    dtype = compute_dtype or torch.float64
     x = sample.to(dtype)
     m = model_output.to(dtype)
     c = sample.shape[1]
@@ -257,14 +266,20 @@ def ddim_step(
     noise: torch.Tensor | None,
     seed: int | None,
     sample_offset: int = 0,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step (Song et al. 2021, eq. 12); returns ``(prev_sample, pred_original_sample)``."""
-    if sample.dtype != torch.float64:  # the float32 kernel spec, bitwise as the fused backends
+    """One DDIM step (Song et al. 2021, eq. 12); returns ``(prev_sample, pred_original_sample)``.
+
+    ``compute_dtype`` as in :func:`ddpm_step`."""
+    if (
+        compute_dtype is None and sample.dtype != torch.float64
+    ):  # the float32 kernel spec, bitwise as the fused backends
         coef = ddim_coefficients(schedule, t, prev_t, eta=eta, use_clipped_model_output=use_clipped_model_output)
         x, m, _ = _f32_inputs(model_output, sample, schedule, split_variance=False)
         z = _f32_noise(noise, sample, t, seed, sample_offset) if eta > 0 else None
         return _f32_step(schedule, coef, x, m, None, z, sample)
-    dtype = _compute_dtype(sample)
+    dtype = compute_dtype or torch.float64
     x = sample.to(dtype)
     m = model_output.to(dtype)
     if schedule.variance_type in ("learned", "learned_range"):
@@ -301,12 +316,15 @@ def q_sample(
     noise: torch.Tensor | None,
     seed: int | None,
     sample_offset: int = 0,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Forward noising q(x_t | x_0) (DDPM eq. 4): ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
 
-    Float32/16/bf16 ``x0``: the kernel spec (the float32 ``[T, 2]`` table, ``(QA * x0) + (QB * z)``),
-    bitwise as the fused backends and differentiable with respect to ``x0``."""
-    if x0.dtype != torch.float64:
+    Float32/16/bf16 ``x0`` (``compute_dtype`` None): the kernel spec (the float32 ``[T, 2]`` table,
+    ``(QA * x0) + (QB * z)``), bitwise as the fused backends and differentiable with respect to
+    ``x0``. Otherwise the formula in ``compute_dtype`` (float64 for float64 ``x0``)."""
+    if compute_dtype is None and x0.dtype != torch.float64:
         table = schedule.table("q_sample", x0.device)[t]  # [B, 2] float32
         shape = (-1,) + (1,) * (x0.dim() - 1)
         if noise is None:
@@ -316,7 +334,7 @@ def q_sample(
             z = noise.to(x0.dtype).to(torch.float32)
         xt = table[:, L.QS_A].reshape(shape) * x0.to(torch.float32) + table[:, L.QS_B].reshape(shape) * z
         return xt.to(x0.dtype)
-    dtype = _compute_dtype(x0)
+    dtype = compute_dtype or torch.float64
     x = x0.to(dtype)
     abar = _per_sample(schedule.table("alphas_cumprod", x.device, torch.float64)[t], x)
     if noise is None:

@@ -48,13 +48,13 @@ _NOISE_NONE = tl.constexpr(L.NOISE_NONE)
 _NOISE_TENSOR = tl.constexpr(L.NOISE_TENSOR)
 _NOISE_PHILOX = tl.constexpr(L.NOISE_PHILOX)
 _STREAM_STEP = tl.constexpr(L.STREAM_STEP)
-_NAN = tl.constexpr(float("nan"))
+_NAN_BITS = tl.constexpr(0x7FC00000)  # quiet NaN (a NaN constexpr breaks the dependency hash)
 
 
 @triton.jit
 def _coef(c, k, poison):
     """Coefficient column ``k`` of the row at ``c``; NaN when ``poison`` (a bad row index)."""
-    return tl.where(poison, _NAN, tl.load(c + k))
+    return tl.where(poison, tl.full([], _NAN_BITS, tl.uint32).to(tl.float32, bitcast=True), tl.load(c + k))
 
 
 @triton.jit

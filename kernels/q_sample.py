@@ -24,7 +24,7 @@ _QS_B = tl.constexpr(L.QS_B)
 _NOISE_TENSOR = tl.constexpr(L.NOISE_TENSOR)
 _NOISE_PHILOX = tl.constexpr(L.NOISE_PHILOX)
 _STREAM_QSAMPLE = tl.constexpr(L.STREAM_QSAMPLE)
-_NAN = tl.constexpr(float("nan"))
+_NAN_BITS = tl.constexpr(0x7FC00000)  # quiet NaN (a NaN constexpr breaks the dependency hash)
 
 
 @triton.jit
@@ -51,8 +51,9 @@ def q_sample_kernel(
     t = tl.load(t_ptr + b * t_stride)
     bad_t = (t < 0) | (t >= num_timesteps)
     tc = tl.where(bad_t, 0, t)
-    qa = tl.where(bad_t, _NAN, tl.load(table_ptr + tc * 2 + _QS_A))
-    qb = tl.where(bad_t, _NAN, tl.load(table_ptr + tc * 2 + _QS_B))
+    nan = tl.full([], _NAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
+    qa = tl.where(bad_t, nan, tl.load(table_ptr + tc * 2 + _QS_A))
+    qb = tl.where(bad_t, nan, tl.load(table_ptr + tc * 2 + _QS_B))
 
     q = pid * BLOCK_G + tl.arange(0, BLOCK_G)  # 4-element group index inside the sample
     offs = q[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK_G, 4] element index e
