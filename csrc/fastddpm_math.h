@@ -374,7 +374,12 @@ FDDPM_HD FDDPM_INLINE float clamp_keep_nan(float x, float lo, float hi) {
 
 // The coefficient product of _layout.py, c (*) a: a zero coefficient contributes +0 even when a is
 // infinite or NaN (so 0 * inf never turns an unused term into NaN).
-FDDPM_HD FDDPM_INLINE float coef_mul(float c, float a) { return c != 0.0f ? c * a : 0.0f; }
+FDDPM_HD FDDPM_INLINE float coef_mul(float c, float a) {
+  // c != 0 ? c * a : +0, written as an AND with a mask of the (loop-invariant) coefficient: one
+  // vandps per element where a select costs the vectorised step loop ~40 % (measured, 1 thread)
+  const uint32_t keep = c != 0.0f ? 0xffffffffu : 0u;
+  return uint_as_float(float_as_uint(c * a) & keep);
+}
 
 // Correctly rounded float32 division (IEEE): nvcc's default -prec-div=true, divss on x86.
 FDDPM_HD FDDPM_INLINE float div_f32(float a, float b) {
