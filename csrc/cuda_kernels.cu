@@ -44,9 +44,13 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
+// Round to nearest even with integer ops, NaN -> 0x7fc0: the bits of c10::BFloat16, of the CPU
+// kernels and of the Triton kernels (cvt.rn.bf16.f32 would write NaN as 0x7fff).
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
+  const uint32_t u = __float_as_uint(v);
+  const uint32_t r = v != v ? 0x7fc0u : (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+  return __ushort_as_bfloat16(static_cast<unsigned short>(r));
 }
 template <>
 __device__ __forceinline__ double from_float<double>(float v) {

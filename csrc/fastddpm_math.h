@@ -7,13 +7,20 @@
 // Contents
 //   * contract constants: COEF_*, QS_*, CLIP_*, VAR_*, NOISE_*, STREAM_*, PHILOX_*
 //   * Philox4x32-10 (Salmon et al., SC'11) with the counter layout of _layout.py
-//   * uint32 -> uniform and Box-Muller exactly as Triton's tl.randn4
+//   * uint32 -> uniform and Box-Muller as Triton's tl.randn4 (with the polynomials below)
 //   * branch-free logf / expf / sincos(2*pi*u) polynomials (Cephes, S. Moshier), so the CPU code
 //     auto-vectorises and the CPU and CUDA paths run the very same arithmetic
 //   * the fused DDPM/DDIM per-element update and q_sample
 //
 // All functions are small, branch-free (selects only) and inline; loops over fixed-size lane
 // arrays of them vectorise with gcc/clang -O3.
+//
+// Bitwise identity: every function here is the float32 operation sequence written in the
+// "Bitwise rules" of fastddpm/_layout.py, which the Triton kernels and the plain-torch reference
+// follow too, so that every backend returns the same bits. That only holds when this file is
+// compiled without contraction of a*b + c into an FMA: g++/clang -ffp-contract=off, nvcc
+// --fmad=false (fastddpm/_build.py passes both), and never -ffast-math / --use_fast_math.
+// Keep the parenthesisation and the order of every expression as it is.
 #pragma once
 
 #include <stdint.h>
@@ -67,9 +74,44 @@ constexpr uint32_t PHILOX_M1 = 0xCD9E8D57u;
 constexpr uint32_t PHILOX_W0 = 0x9E3779B9u;
 constexpr uint32_t PHILOX_W1 = 0xBB67AE85u;
 constexpr int PHILOX_ROUNDS = 10;
-constexpr float UNIFORM_SCALE = 4.6566127342e-10f;
-constexpr float UNIFORM_MIN = 1.0e-7f;
-constexpr double TWO_PI = 6.283185307179586;
+
+// ---- float32 constants of the noise and step math: exact float32 values, as in _layout.py ------
+constexpr float UNIFORM_SCALE = 0x1.fffffep-32f;  // 4.6566127342e-10: uint32 -> [0, 1)
+constexpr float UNIFORM_MIN = 0x1.ad7f2ap-24f;    // 1e-7: smallest uniform fed to the log
+constexpr float TWO_PI = 0x1.921fb6p+2f;          // 2 pi
+constexpr float ROUND_MAGIC = 0x1.8p+23f;         // 1.5 * 2**23
+// log_f32 (Cephes logf.c): P0..P8 from the highest degree, Q1 + Q2 = log(2)
+constexpr float LOG_P0 = 0x1.204376p-4f;
+constexpr float LOG_P1 = -0x1.d7a37p-4f;
+constexpr float LOG_P2 = 0x1.de4a34p-4f;
+constexpr float LOG_P3 = -0x1.fcba9ep-4f;
+constexpr float LOG_P4 = 0x1.23d37ep-3f;
+constexpr float LOG_P5 = -0x1.555cap-3f;
+constexpr float LOG_P6 = 0x1.999d58p-3f;
+constexpr float LOG_P7 = -0x1.fffff8p-3f;
+constexpr float LOG_P8 = 0x1.555554p-2f;
+constexpr float LOG_Q1 = -0x1.bd0106p-13f;
+constexpr float LOG_Q2 = 0x1.63p-1f;
+constexpr float SQRTH = 0x1.6a09e6p-1f;
+// sincos_2pi (Cephes sinf.c / cosf.c)
+constexpr float SIN_P0 = -0x1.9943f2p-13f;
+constexpr float SIN_P1 = 0x1.11073cp-7f;
+constexpr float SIN_P2 = -0x1.555546p-3f;
+constexpr float COS_P0 = 0x1.99eb9cp-16f;
+constexpr float COS_P1 = -0x1.6c0c34p-10f;
+constexpr float COS_P2 = 0x1.55554ap-5f;
+// exp_f32 (Cephes expf.c): P0..P5 from the highest degree, C1 + C2 = log(2)
+constexpr float EXP_LO = -104.0f;
+constexpr float EXP_HI = 89.0f;
+constexpr float LOG2E = 0x1.715476p+0f;
+constexpr float EXP_C1 = 0x1.63p-1f;
+constexpr float EXP_C2 = -0x1.bd0106p-13f;
+constexpr float EXP_P0 = 0x1.a0d2cep-13f;
+constexpr float EXP_P1 = 0x1.6e879cp-10f;
+constexpr float EXP_P2 = 0x1.11121p-7f;
+constexpr float EXP_P3 = 0x1.555382p-5f;
+constexpr float EXP_P4 = 0x1.555554p-3f;
+constexpr float EXP_P5 = 0x1p-1f;
 
 // ================================================================================================
 // Bit casts
@@ -97,10 +139,7 @@ FDDPM_HD FDDPM_INLINE float uint_as_float(uint32_t u) {
 // Round to the nearest integer (ties to even) for |x| < 2**22, without a libm call: adding and
 // subtracting 1.5 * 2**23 pushes the fraction bits out. Safe without -ffast-math (which this code
 // must never be built with: the compiler could then fold (x + C) - C into x).
-FDDPM_HD FDDPM_INLINE float round_small(float x) {
-  const float magic = 12582912.0f;  // 1.5 * 2**23
-  return (x + magic) - magic;
-}
+FDDPM_HD FDDPM_INLINE float round_small(float x) { return (x + ROUND_MAGIC) - ROUND_MAGIC; }
 
 // ================================================================================================
 // Philox4x32-10
@@ -187,7 +226,7 @@ FDDPM_HD FDDPM_INLINE float uint_to_uniform(uint32_t r) {
 // ================================================================================================
 
 // Natural log for positive, finite, normal x (the only inputs Box-Muller gives it:
-// UNIFORM_MIN <= x < 1). Max error about 1 ulp.
+// UNIFORM_MIN <= x < 1). Max error about 1 ulp. _layout.py's log_f32, operation for operation.
 FDDPM_HD FDDPM_INLINE float log_positive_normal(float x) {
   const uint32_t ix = float_as_uint(x);
   // x = f * 2**e with f in [0.5, 1)
@@ -195,46 +234,47 @@ FDDPM_HD FDDPM_INLINE float log_positive_normal(float x) {
   float f = uint_as_float((ix & 0x007fffffu) | 0x3f000000u);
   // move f into [sqrt(0.5), sqrt(2)) and take f - 1
   // (selects between values already computed, so that gcc if-converts them under -ftrapping-math)
-  const bool small = f < 0.707106781186547524f;
+  const bool small = f < SQRTH;
   e = e - (small ? 1.0f : 0.0f);
   f = (f + (small ? f : 0.0f)) - 1.0f;
   // Cephes' degree-8 polynomial, evaluated in Estrin's scheme (shorter dependency chains than
   // Horner's, so the vectorised loops keep more lanes in flight).
   const float z = f * f;
   const float z2 = z * z;
-  const float p01 = -2.4999993993e-1f * f + 3.3333331174e-1f;
-  const float p23 = -1.6668057665e-1f * f + 2.0000714765e-1f;
-  const float p45 = -1.2420140846e-1f * f + 1.4249322787e-1f;
-  const float p67 = -1.1514610310e-1f * f + 1.1676998740e-1f;
+  const float p01 = LOG_P7 * f + LOG_P8;
+  const float p23 = LOG_P5 * f + LOG_P6;
+  const float p45 = LOG_P3 * f + LOG_P4;
+  const float p67 = LOG_P1 * f + LOG_P2;
   const float q0 = p23 * z + p01;
   const float q1 = p67 * z + p45;
-  float y = (7.0376836292e-2f * z2 + q1) * z2 + q0;
-  y = y * f * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return (f + y) + 0.693359375f * e;
+  float y = (LOG_P0 * z2 + q1) * z2 + q0;
+  y = (y * f) * z;
+  y = y + LOG_Q1 * e;
+  y = y + -0.5f * z;
+  return (f + y) + LOG_Q2 * e;
 }
 
 // exp(x) for any float: 0 below about -104, +inf above about 89, NaN kept. Max error about 1 ulp
 // in the normal range. The scale 2**n is applied in two factors so that no step overflows early.
+// _layout.py's exp_f32, operation for operation.
 FDDPM_HD FDDPM_INLINE float exp_f32(float x) {
   const bool nan = !(x == x);
   float xc = nan ? 0.0f : x;
-  xc = xc < -104.0f ? -104.0f : xc;
-  xc = xc > 89.0f ? 89.0f : xc;
-  const float n = round_small(xc * 1.44269504088896341f);  // in [-150, 128]
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  xc = xc < EXP_LO ? EXP_LO : xc;
+  xc = xc > EXP_HI ? EXP_HI : xc;
+  const float n = round_small(xc * LOG2E);  // in [-150, 128]
+  float r = xc - n * EXP_C1;
+  r = r - n * EXP_C2;
   const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
+  float y = EXP_P0;
+  y = y * r + EXP_P1;
+  y = y * r + EXP_P2;
+  y = y * r + EXP_P3;
+  y = y * r + EXP_P4;
+  y = y * r + EXP_P5;
+  y = (y * z + r) + 1.0f;
   const int32_t ni = static_cast<int32_t>(n);
-  const int32_t n1 = ni / 2;  // both halves stay in [-75, 64]: normal floats
+  const int32_t n1 = ni >> 1;  // floor(n / 2) (arithmetic shift); both halves stay in [-75, 64]
   const int32_t n2 = ni - n1;
   const float s1 = uint_as_float(static_cast<uint32_t>(n1 + 127) << 23);
   const float s2 = uint_as_float(static_cast<uint32_t>(n2 + 127) << 23);
@@ -245,30 +285,33 @@ FDDPM_HD FDDPM_INLINE float exp_f32(float x) {
 // sin(2*pi*u) and cos(2*pi*u) for 0 <= u <= 1. The reduction is exact: q = round(4u),
 // r = u - q/4 in [-1/8, 1/8] (Sterbenz), a = 2*pi*r in [-pi/4, pi/4], then the Cephes minimax
 // polynomials and a quadrant swap. Max error about 1 ulp of the result plus a few 1e-8 absolute.
+// _layout.py's sincos_2pi_f32, operation for operation.
 FDDPM_HD FDDPM_INLINE void sincos_2pi(float u, float& s, float& c) {
   const float q = round_small(4.0f * u);
   const float r = u - 0.25f * q;
-  const float a = r * static_cast<float>(TWO_PI);
+  const float a = r * TWO_PI;
   const float z = a * a;
-  float ps = -1.9515295891e-4f;
-  ps = ps * z + 8.3321608736e-3f;
-  ps = ps * z - 1.6666654611e-1f;
+  float ps = SIN_P0;
+  ps = ps * z + SIN_P1;
+  ps = ps * z + SIN_P2;
   ps = (ps * z) * a + a;  // sin(a)
-  float pc = 2.443315711809948e-5f;
-  pc = pc * z - 1.388731625493765e-3f;
-  pc = pc * z + 4.166664568298827e-2f;
-  pc = (pc * z) * z - 0.5f * z + 1.0f;  // cos(a)
+  float pc = COS_P0;
+  pc = pc * z + COS_P1;
+  pc = pc * z + COS_P2;
+  pc = ((pc * z) * z - 0.5f * z) + 1.0f;  // cos(a)
   const int32_t quadrant = static_cast<int32_t>(q) & 3;
-  const bool swap = (quadrant & 1) != 0;           // quadrants 1, 3: sin <-> cos
+  const bool swap = (quadrant & 1) != 0;  // quadrants 1, 3: sin <-> cos
   const float sv = swap ? pc : ps;
   const float cv = swap ? ps : pc;
-  s = (quadrant & 2) ? -sv : sv;                   // sin negative in quadrants 2, 3
-  c = ((quadrant + 1) & 2) ? -cv : cv;             // cos negative in quadrants 1, 2
+  s = (quadrant & 2) ? -sv : sv;        // sin negative in quadrants 2, 3
+  c = ((quadrant + 1) & 2) ? -cv : cv;  // cos negative in quadrants 1, 2
 }
 
+// Correctly rounded square root (IEEE): sqrtf under nvcc's default -prec-sqrt=true, sqrtss/vsqrtps
+// on x86.
 FDDPM_HD FDDPM_INLINE float sqrt_f32(float x) {
 #if defined(__CUDA_ARCH__)
-  return sqrtf(x);
+  return __fsqrt_rn(x);
 #elif defined(__GNUC__) || defined(__clang__)
   return __builtin_sqrtf(x);  // vsqrtps when built with -fno-math-errno (x >= 0 here anyway)
 #else
@@ -329,23 +372,41 @@ FDDPM_HD FDDPM_INLINE float clamp_keep_nan(float x, float lo, float hi) {
   return x > hi ? hi : x;
 }
 
-// x0 = CX * x + CM * m, then clipped: CLIP_RANGE -> clamp to [-clip_range, clip_range];
+// The coefficient product of _layout.py, c (*) a: a zero coefficient contributes +0 even when a is
+// infinite or NaN (so 0 * inf never turns an unused term into NaN).
+FDDPM_HD FDDPM_INLINE float coef_mul(float c, float a) {
+  // c != 0 ? c * a : +0, written as an AND with a mask of the (loop-invariant) coefficient: one
+  // vandps per element where a select costs the vectorised step loop ~40 % (measured, 1 thread)
+  const uint32_t keep = c != 0.0f ? 0xffffffffu : 0u;
+  return uint_as_float(float_as_uint(c * a) & keep);
+}
+
+// Correctly rounded float32 division (IEEE): nvcc's default -prec-div=true, divss on x86.
+FDDPM_HD FDDPM_INLINE float div_f32(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// x0 = CX (*) x + CM (*) m, then clipped: CLIP_RANGE -> clamp to [-clip_range, clip_range];
 // CLIP_THRESHOLD -> clamp to [-s, s] and divide by s (dynamic thresholding, Saharia et al. 2022).
 FDDPM_HD FDDPM_INLINE float predict_x0(const StepCoef& c, float x, float m, int clip_mode, float clip_range,
                                         float s) {
-  float x0 = c.cx * x + c.cm * m;
+  float x0 = coef_mul(c.cx, x) + coef_mul(c.cm, m);
   if (clip_mode == CLIP_RANGE) {
     x0 = clamp_keep_nan(x0, -clip_range, clip_range);
   } else if (clip_mode == CLIP_THRESHOLD) {
-    x0 = clamp_keep_nan(x0, -s, s) / s;
+    x0 = div_f32(clamp_keep_nan(x0, -s, s), s);
   }
   return x0;
 }
 
 // Posterior mean (Ho et al. eq. 7) or DDIM mean (Song et al. eq. 12) from the clipped x0.
 FDDPM_HD FDDPM_INLINE float step_mean(const StepCoef& c, float x, float m, float x0) {
-  const float eps = c.ex * x + c.em * m + c.e0 * x0;
-  return c.p0 * x0 + c.px * x + c.pe * eps;
+  const float eps = (coef_mul(c.ex, x) + coef_mul(c.em, m)) + coef_mul(c.e0, x0);
+  return (coef_mul(c.p0, x0) + coef_mul(c.px, x)) + coef_mul(c.pe, eps);
 }
 
 // Standard deviation of the added noise: fixed, or from the learned log-variance channel v.

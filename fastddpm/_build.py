@@ -145,7 +145,9 @@ def cpu_build_flags(*, native: bool | None = None, openmp: bool = True) -> list[
     the promise to keep floating-point exception flags exact; results do not change); ``-fopenmp``
     because ``at::parallel_for`` is an inline OpenMP loop in torch's headers and runs on one
     thread without it (the extension then shares torch's libgomp and its ``torch.set_num_threads``).
-    ``-ffp-contract=off``: no fused multiply-add, each product and sum rounded as in the other backends.
+    ``-ffp-contract=off`` because the kernels follow the float32 operation order of the "Bitwise
+    rules" of :mod:`fastddpm._layout` (every backend returns the same bits): gcc contracts ``a*b + c``
+    into an FMA by default wherever the target has one (``-march=native`` on any AVX2 CPU).
     Never ``-ffast-math``: the kernels rely on IEEE rounding (see ``round_small`` in fastddpm_math.h).
     """
     if sys.platform == "win32":
@@ -375,8 +377,10 @@ def load_cpu_extension() -> ModuleType:
 
 
 def _cuda_build_flags() -> list[str]:
-    # No --use_fast_math: the threshold division and IEEE rounding must stay exact.
-    return ["-O3", "-lineinfo"]
+    # No --use_fast_math: the threshold division and IEEE rounding must stay exact. --fmad=false:
+    # no a*b + c contracted into an FMA, so the kernels round every operation as the "Bitwise rules"
+    # of fastddpm._layout say and return the bits of the cpu and triton backends.
+    return ["-O3", "-lineinfo", "--fmad=false"]
 
 
 @functools.cache

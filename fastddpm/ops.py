@@ -259,7 +259,7 @@ def _cached_step_row(
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     """``[B, ...]`` -> ``[B, N]`` with unit inner stride (a view when possible, else a copy)."""
-    x2 = x.reshape(x.shape[0], -1)
+    x2 = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: a batch or sample of 0 elements
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2
@@ -327,7 +327,7 @@ def _split_model_output(model_output: torch.Tensor, sample: torch.Tensor, schedu
     if not learned:
         return model_output, None
     b = sample.shape[0]
-    m2 = model_output.contiguous().reshape(b, 2, -1)
+    m2 = model_output.contiguous().reshape(b, 2, math.prod(model_output.shape[1:]) // 2)
     m, v = m2[:, 0], m2[:, 1]
     return m, (v if learned_needed else None)
 

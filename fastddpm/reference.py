@@ -11,21 +11,29 @@ variances), Saharia et al. 2022 (dynamic thresholding). Behaviour follows diffus
 * ``learned``: diffusers takes the square root of the raw model output (NaN when negative); here,
   as in improved-diffusion and the original DDPM code, the output is a LOG variance: ``std = exp(v/2)``.
 
+Two specs live here, chosen by the sample's dtype:
+
+* float64 samples: the high-precision spec, the formulas below in float64 (numbered stages).
+* float32 / float16 / bfloat16 samples: the kernel spec of :mod:`fastddpm._layout`, in plain torch
+  float32 ops in its exact operation order (:func:`fused_update_f32`: the float32 coefficient table of
+  :mod:`fastddpm.coefficients`, then the per-element update), so that the result is bitwise that of
+  every fused backend ("Bitwise rules" in :mod:`fastddpm._layout`). It is tested against the float64
+  spec with tolerances tied to float32 arithmetic, and against the fused backends with ``torch.equal``.
+
 Inputs are already validated by :mod:`fastddpm.ops`: ``t``, ``prev_t`` are int64 ``[B]`` on the
 sample's device, ``noise`` (if given) has the sample's shape.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _layout as L
-from .noise import philox_normal
-from .schedule import Schedule
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .coefficients import ddim_coefficients, ddpm_coefficients
+from .noise import div_f32, exp_f32, philox_normal
+from .schedule import LEARNED_VARIANCES, Schedule
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -48,8 +56,10 @@ def step_noise(
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Per-sample threshold ``s`` ``[B]`` (Saharia et al. 2022, sec. 3): the ``ratio`` quantile of |x0|,
     clamped to ``[1, max_value]``. Computed in float32 (float64 for float64 input), as diffusers."""
-    a = x0.reshape(x0.shape[0], -1).abs().to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
-    n = a.shape[1]
+    b, n = x0.shape[0], math.prod(x0.shape[1:])
+    a = x0.reshape(b, n).abs().to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    if b == 0 or n == 0:  # nothing to threshold: s = 1 (the lower clamp)
+        return torch.ones(b, dtype=a.dtype, device=a.device)
     # Linear-interpolated quantile via kthvalue (torch.quantile caps its input at 2**24 elements).
     pos = ratio * (n - 1)
     lo = int(pos)
@@ -91,6 +101,102 @@ def _noise_for(
     return step_noise(x.shape, t, seed, sample_offset, L.STREAM_STEP, x.dtype)
 
 
+# ----------------------------------------------------------------------------- float32 kernel spec
+def _cmul(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The spec's coefficient product ``c (*) a``: +0 where the coefficient is 0, even for an infinite ``a``."""
+    return torch.where(c != 0, c * a, 0.0)
+
+
+def _clamp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``clamp`` as the spec's two selects (NaN kept, bounds as given)."""
+    x = torch.where(x < lo, lo, x)
+    return torch.where(x > hi, hi, x)
+
+
+def fused_update_f32(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor | None,
+    z: torch.Tensor | None,
+    coef: torch.Tensor,
+    *,
+    clip_mode: int,
+    clip_range: float = 1.0,
+    thresh: torch.Tensor | None = None,
+    x0_only: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The per-element update of :mod:`fastddpm._layout` in float32 torch ops, bit for bit as the kernels.
+
+    Args:
+        x, m: float32 ``[B, ...]`` sample and model output (first C channels).
+        v: float32 ``[B, ...]`` learned log-variance channels (VAR_LEARNED) or None (fixed std).
+        z: float32 ``[B, ...]`` standard normal noise, or None (no noise: ``prev = mean``).
+        coef: float32 ``[B, NCOEF]``, the coefficient row of each sample.
+        clip_mode: ``CLIP_NONE``, ``CLIP_RANGE`` or ``CLIP_THRESHOLD``.
+        clip_range: bound of CLIP_RANGE (rounded to float32, as the kernels take it).
+        thresh: float32 ``[B]`` dynamic thresholds ``s`` (CLIP_THRESHOLD).
+        x0_only: return ``(None, x0)`` with x0 not thresholded (the first pass of thresholding).
+    Returns:
+        ``(prev, x0)``, float32 ``[B, ...]``.
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    col = lambda k: coef[:, k].reshape(shape)  # noqa: E731
+    x0 = _cmul(col(L.COEF_CX), x) + _cmul(col(L.COEF_CM), m)
+    if clip_mode == L.CLIP_RANGE:
+        r = torch.tensor(clip_range, dtype=torch.float32, device=x.device)
+        x0 = _clamp(x0, -r, r)
+    elif clip_mode == L.CLIP_THRESHOLD and not x0_only:
+        s = thresh.to(torch.float32).reshape(shape)
+        x0 = div_f32(_clamp(x0, -s, s), s)
+    if x0_only:
+        return None, x0
+    eps = (_cmul(col(L.COEF_EX), x) + _cmul(col(L.COEF_EM), m)) + _cmul(col(L.COEF_E0), x0)
+    mean = (_cmul(col(L.COEF_P0), x0) + _cmul(col(L.COEF_PX), x)) + _cmul(col(L.COEF_PE), eps)
+    if z is None:
+        return mean, x0
+    std = exp_f32(0.5 * (col(L.COEF_LVA) * v + col(L.COEF_LVB))) if v is not None else col(L.COEF_STD)
+    return torch.where(col(L.COEF_GATE) != 0, mean + std * z, mean), x0
+
+
+def _f32_inputs(model_output: torch.Tensor, sample: torch.Tensor, schedule: Schedule, split_variance: bool):
+    """``(x, m, v)`` in float32 as the fused path sees them: the output rounded to the sample's dtype first."""
+    x = sample.to(torch.float32)
+    mo = model_output.to(sample.dtype).to(torch.float32)
+    c = sample.shape[1]
+    if schedule.variance_type in LEARNED_VARIANCES:
+        return x, mo[:, :c], (mo[:, c:] if split_variance else None)
+    return x, mo, None
+
+
+def _f32_noise(
+    noise: torch.Tensor | None, sample: torch.Tensor, t: torch.Tensor, seed: int | None, sample_offset: int
+) -> torch.Tensor:
+    """Step noise in float32: the caller's rounded to the sample's dtype (as the fused path), or Philox."""
+    if noise is not None:
+        return noise.to(sample.dtype).to(torch.float32)
+    assert seed is not None
+    return step_noise(sample.shape, t, seed, sample_offset, L.STREAM_STEP, torch.float32)
+
+
+def _f32_step(
+    schedule: Schedule, coef: torch.Tensor, x: torch.Tensor, m: torch.Tensor, v: torch.Tensor | None,
+    z: torch.Tensor | None, sample: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Clip mode, the thresholding pass if any, and the update; outputs in the sample's dtype."""
+    thresh = None
+    if schedule.thresholding:
+        clip_mode = L.CLIP_THRESHOLD
+        _, x0 = fused_update_f32(x, m, None, None, coef, clip_mode=L.CLIP_NONE, x0_only=True)
+        thresh = dynamic_threshold(x0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
+    else:
+        clip_mode = L.CLIP_RANGE if schedule.clip_sample else L.CLIP_NONE
+    prev, x0 = fused_update_f32(
+        x, m, v, z, coef, clip_mode=clip_mode, clip_range=float(schedule.clip_sample_range), thresh=thresh
+    )
+    return prev.to(sample.dtype), x0.to(sample.dtype)
+
+
+# ----------------------------------------------------------------------------- public steps
 def ddpm_step(
     model_output: torch.Tensor,
     t: torch.Tensor,
@@ -100,9 +206,23 @@ def ddpm_step(
     noise: torch.Tensor | None,
     seed: int | None,
     sample_offset: int = 0,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One reverse DDPM step x_t -> x_{prev_t}; returns ``(prev_sample, pred_original_sample)``."""
-    dtype = _compute_dtype(sample)
+    """One reverse DDPM step x_t -> x_{prev_t}; returns ``(prev_sample, pred_original_sample)``.
+
+    ``compute_dtype`` None: the float64 formulas for float64 samples, the float32 kernel spec
+    otherwise. ``torch.float64`` / ``torch.float32``: the formulas below in that dtype whatever the
+    sample's (float32: what plain PyTorch arithmetic gives, the baseline fused errors are held to).
+    """
+    if (
+        compute_dtype is None and sample.dtype != torch.float64
+    ):  # the float32 kernel spec, bitwise as the fused backends
+        coef = ddpm_coefficients(schedule, t, prev_t)
+        x, m, v = _f32_inputs(model_output, sample, schedule, split_variance=True)
+        z = _f32_noise(noise, sample, t, seed, sample_offset)
+        return _f32_step(schedule, coef, x, m, v, z, sample)
+    dtype = compute_dtype or torch.float64
     x = sample.to(dtype)
     m = model_output.to(dtype)
     c = sample.shape[1]
@@ -146,9 +266,20 @@ def ddim_step(
     noise: torch.Tensor | None,
     seed: int | None,
     sample_offset: int = 0,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step (Song et al. 2021, eq. 12); returns ``(prev_sample, pred_original_sample)``."""
-    dtype = _compute_dtype(sample)
+    """One DDIM step (Song et al. 2021, eq. 12); returns ``(prev_sample, pred_original_sample)``.
+
+    ``compute_dtype`` as in :func:`ddpm_step`."""
+    if (
+        compute_dtype is None and sample.dtype != torch.float64
+    ):  # the float32 kernel spec, bitwise as the fused backends
+        coef = ddim_coefficients(schedule, t, prev_t, eta=eta, use_clipped_model_output=use_clipped_model_output)
+        x, m, _ = _f32_inputs(model_output, sample, schedule, split_variance=False)
+        z = _f32_noise(noise, sample, t, seed, sample_offset) if eta > 0 else None
+        return _f32_step(schedule, coef, x, m, None, z, sample)
+    dtype = compute_dtype or torch.float64
     x = sample.to(dtype)
     m = model_output.to(dtype)
     if schedule.variance_type in ("learned", "learned_range"):
@@ -185,9 +316,25 @@ def q_sample(
     noise: torch.Tensor | None,
     seed: int | None,
     sample_offset: int = 0,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Forward noising q(x_t | x_0) (DDPM eq. 4): ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``."""
-    dtype = _compute_dtype(x0)
+    """Forward noising q(x_t | x_0) (DDPM eq. 4): ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+
+    Float32/16/bf16 ``x0`` (``compute_dtype`` None): the kernel spec (the float32 ``[T, 2]`` table,
+    ``(QA * x0) + (QB * z)``), bitwise as the fused backends and differentiable with respect to
+    ``x0``. Otherwise the formula in ``compute_dtype`` (float64 for float64 ``x0``)."""
+    if compute_dtype is None and x0.dtype != torch.float64:
+        table = schedule.table("q_sample", x0.device)[t]  # [B, 2] float32
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        if noise is None:
+            assert seed is not None
+            z = step_noise(x0.shape, t, seed, sample_offset, L.STREAM_QSAMPLE, torch.float32)
+        else:
+            z = noise.to(x0.dtype).to(torch.float32)
+        xt = table[:, L.QS_A].reshape(shape) * x0.to(torch.float32) + table[:, L.QS_B].reshape(shape) * z
+        return xt.to(x0.dtype)
+    dtype = compute_dtype or torch.float64
     x = x0.to(dtype)
     abar = _per_sample(schedule.table("alphas_cumprod", x.device, torch.float64)[t], x)
     if noise is None:

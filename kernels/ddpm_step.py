@@ -1,7 +1,10 @@
 """Fused DDPM/DDIM reverse step: predict x0, clip, posterior mean, variance and noise in one pass.
 
 The math and the coefficient columns are those of :mod:`fastddpm._layout` (per-step
-coefficients come from the float32 table ``coef``; the kernel never re-derives one).
+coefficients come from the float32 table ``coef``; the kernel never re-derives one), evaluated in
+the float32 operation order of its "Bitwise rules" (launch with ``philox.LAUNCH_OPTIONS``), so the
+result is bitwise that of the cpu and cuda backends and the reference. A row index outside
+``[0, num_rows)`` is clamped for the loads and the sample's outputs are NaN (as the CUDA kernel).
 
 Grid: ``(cdiv(cdiv(N, 4), BLOCK_G), B)``. Program ``(i, b)`` handles the ``[BLOCK_G, 4]`` tile of
 elements ``4 * BLOCK_G * i .. 4 * BLOCK_G * (i + 1) - 1`` of sample ``b``: it reads the sample's
@@ -22,7 +25,7 @@ import triton.language as tl
 
 from fastddpm import _layout as L
 
-from .philox import normal_tile
+from .philox import cast_rne, exp_f32, normal_tile
 
 _NCOEF = tl.constexpr(L.NCOEF)
 _CX = tl.constexpr(L.COEF_CX)
@@ -45,6 +48,26 @@ _NOISE_NONE = tl.constexpr(L.NOISE_NONE)
 _NOISE_TENSOR = tl.constexpr(L.NOISE_TENSOR)
 _NOISE_PHILOX = tl.constexpr(L.NOISE_PHILOX)
 _STREAM_STEP = tl.constexpr(L.STREAM_STEP)
+_NAN_BITS = tl.constexpr(0x7FC00000)  # quiet NaN (a NaN constexpr breaks the dependency hash)
+
+
+@triton.jit
+def _coef(c, k, poison):
+    """Coefficient column ``k`` of the row at ``c``; NaN when ``poison`` (a bad row index)."""
+    return tl.where(poison, tl.full([], _NAN_BITS, tl.uint32).to(tl.float32, bitcast=True), tl.load(c + k))
+
+
+@triton.jit
+def _cmul(c, a):
+    """The spec's coefficient product ``c (*) a``: +0 for a zero coefficient, even for an infinite ``a``."""
+    return tl.where(c != 0.0, c * a, 0.0)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    """``clamp`` as the spec's selects (NaN kept)."""
+    x = tl.where(x < lo, lo, x)
+    return tl.where(x > hi, hi, x)
 
 
 @triton.jit
@@ -61,6 +84,7 @@ def ddpm_step_kernel(
     thresh_ptr,  # [.] float32: dynamic threshold of sample b is thresh[b * thresh_stride] (CLIP_THRESHOLD)
     rng_ptr,  # [2] int64: (seed, sample_offset), read on the device
     N,  # elements per sample
+    num_rows,  # R, rows of coef / tval: a row index outside [0, R) gives NaN outputs
     b_base,  # index of this launch's first sample in the batch (launches are split past grid limits)
     x_stride_b,  # per-sample stride of x, in elements (likewise for the strides below)
     m_stride_b,
@@ -82,11 +106,13 @@ def ddpm_step_kernel(
     pid = tl.program_id(0)
     b = b_base + tl.program_id(1).to(tl.int64)
 
-    # Per-sample scalars, loaded once per program.
+    # Per-sample scalars, loaded once per program. A bad row index is clamped and poisons the row.
     row = tl.load(rows_ptr + b * rows_stride)
+    bad_row = (row < 0) | (row >= num_rows)
+    row = tl.where(bad_row, 0, row)
     c = coef_ptr + row * _NCOEF
-    cx = tl.load(c + _CX)
-    cm = tl.load(c + _CM)
+    cx = _coef(c, _CX, bad_row)
+    cm = _coef(c, _CM, bad_row)
 
     q = pid * BLOCK_G + tl.arange(0, BLOCK_G)  # 4-element group index inside the sample
     offs = q[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK_G, 4] element index e
@@ -96,21 +122,23 @@ def ddpm_step_kernel(
     m = tl.load(m_ptr + b * m_stride_b + offs, mask=mask, other=0.0).to(tl.float32)
 
     # Predict x0 (eq. 15 of Ho et al.) and clip it.
-    x0 = cx * x + cm * m
+    x0 = _cmul(cx, x) + _cmul(cm, m)
     if CLIP_MODE == _CLIP_RANGE:
-        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
+        x0 = _clamp(x0, -clip_range, clip_range)
     if X0_ONLY:
-        tl.store(x0_ptr + b * x0_stride_b + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        tl.store(x0_ptr + b * x0_stride_b + offs, cast_rne(x0, x0_ptr.dtype.element_ty), mask=mask)
     else:
         if CLIP_MODE == _CLIP_THRESHOLD:
             s = tl.load(thresh_ptr + b * thresh_stride)
-            x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
+            x0 = tl.div_rn(_clamp(x0, -s, s), s)
         if WRITE_X0:
-            tl.store(x0_ptr + b * x0_stride_b + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+            tl.store(x0_ptr + b * x0_stride_b + offs, cast_rne(x0, x0_ptr.dtype.element_ty), mask=mask)
 
         # eps from the (clipped) x0, then the posterior mean (eq. 7) or the DDIM update (eq. 12).
-        eps = tl.load(c + _EX) * x + tl.load(c + _EM) * m + tl.load(c + _E0) * x0
-        mean = tl.load(c + _P0) * x0 + tl.load(c + _PX) * x + tl.load(c + _PE) * eps
+        eps = (_cmul(_coef(c, _EX, bad_row), x) + _cmul(_coef(c, _EM, bad_row), m)) + _cmul(_coef(c, _E0, bad_row), x0)
+        mean = (_cmul(_coef(c, _P0, bad_row), x0) + _cmul(_coef(c, _PX, bad_row), x)) + _cmul(
+            _coef(c, _PE, bad_row), eps
+        )
 
         if NOISE_MODE == _NOISE_NONE:
             prev = mean
@@ -121,12 +149,13 @@ def ddpm_step_kernel(
                 tl.static_assert(NOISE_MODE == _NOISE_PHILOX, "unknown NOISE_MODE")
                 seed = tl.load(rng_ptr)
                 g = tl.load(rng_ptr + 1) + b
-                z = normal_tile(seed, q, g, tl.load(tval_ptr + row * tval_stride), _STREAM_STEP)
+                t = tl.where(bad_row, 0, tl.load(tval_ptr + row * tval_stride))
+                z = normal_tile(seed, q, g, t, _STREAM_STEP)
             if VAR_MODE == _VAR_LEARNED:
                 v = tl.load(v_ptr + b * v_stride_b + offs, mask=mask, other=0.0).to(tl.float32)
-                std = tl.exp(0.5 * (tl.load(c + _LVA) * v + tl.load(c + _LVB)))
+                std = exp_f32(0.5 * (_coef(c, _LVA, bad_row) * v + _coef(c, _LVB, bad_row)))
             else:
-                std = tl.load(c + _STD)
-            gate = tl.load(c + _GATE)
+                std = _coef(c, _STD, bad_row)
+            gate = _coef(c, _GATE, bad_row)
             prev = tl.where(gate != 0.0, mean + std * z, mean)
-        tl.store(prev_ptr + b * prev_stride_b + offs, prev.to(prev_ptr.dtype.element_ty), mask=mask)
+        tl.store(prev_ptr + b * prev_stride_b + offs, cast_rne(prev, prev_ptr.dtype.element_ty), mask=mask)

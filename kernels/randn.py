@@ -11,7 +11,7 @@ Bytes per element: write ``out`` (size of its dtype); nothing is read per elemen
 import triton
 import triton.language as tl
 
-from .philox import normal_tile
+from .philox import cast_rne, normal_tile
 
 
 @triton.jit
@@ -36,4 +36,4 @@ def randn_kernel(
     seed = tl.load(rng_ptr)
     g = tl.load(rng_ptr + 1) + b
     z = normal_tile(seed, q, g, tl.load(t_ptr + b * t_stride), STREAM)
-    tl.store(out_ptr + b * out_stride_b + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + b * out_stride_b + offs, cast_rne(z, out_ptr.dtype.element_ty), mask=mask)

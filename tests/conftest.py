@@ -15,3 +15,51 @@ import torch  # noqa: E402
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+# --- the backend contract: tolerances (one place) and bitwise comparison ---------------------------
+# Every fused result is compared with the float64 reference computed in the test. Its error may be
+# at most TORCH_ERROR_FACTOR times the largest error plain PyTorch makes on the same inputs in
+# float32 (the formulas of fastddpm.reference evaluated in float32; flash-attention bounds its
+# kernels the same way), plus the rounding of the result to the output dtype: UNIT_ROUNDOFF[dtype]
+# times its magnitude (half an ulp: 2**-24 for float32, 2**-11 for float16, 2**-8 for bfloat16).
+TORCH_ERROR_FACTOR = 2.0
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def assert_within_torch_error(out: torch.Tensor, ref64: torch.Tensor, torch_f32: torch.Tensor, what: str) -> None:
+    """``|out - ref64| <= TORCH_ERROR_FACTOR * max|torch_f32 - ref64| + UNIT_ROUNDOFF[out.dtype] * |ref64|``.
+
+    ``out``: the fused result (float32/16/bf16); ``ref64``: the float64 reference; ``torch_f32``: plain
+    PyTorch float32 arithmetic on the same inputs, rounded to ``out``'s dtype. Elements where the
+    reference is not finite must be the same non-finite value (NaN where it is NaN).
+    """
+    ref = ref64.to(torch.float64).cpu()
+    got = out.to(torch.float64).cpu()
+    base = torch_f32.to(torch.float64).cpu()
+    finite = torch.isfinite(ref)
+    assert torch.equal(got[~finite].nan_to_num(), ref[~finite].nan_to_num()), f"{what}: non-finite elements differ"
+    assert bool(torch.isnan(got[~finite]).eq(torch.isnan(ref[~finite])).all()), (
+        f"{what}: NaN where the reference is not"
+    )
+    torch_err = (base[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+    bound = TORCH_ERROR_FACTOR * torch_err + UNIT_ROUNDOFF[out.dtype] * ref[finite].abs()
+    err = (got[finite] - ref[finite]).abs()
+    worst = (err - bound).argmax() if err.numel() else None
+    assert bool((err <= bound).all()), (
+        f"{what}: error {err[worst].item():.3g} > bound {bound[worst].item():.3g} "
+        f"(plain float32 torch error {torch_err:.3g}, |ref| {ref[finite][worst].abs().item():.3g})"
+    )
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """The product's bitwise promise: same shape, dtype and bits (NaN payloads aside: both NaN is equal)."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    differ = (a.view(ints) != b.view(ints)) & ~both_nan
+    assert not bool(differ.any()), (
+        f"{what}: {int(differ.sum())} of {a.numel()} elements differ, first at {differ.nonzero()[0].tolist()}: "
+        f"{a[differ][0].item()!r} vs {b[differ][0].item()!r}"
+    )

@@ -1,14 +1,19 @@
 """Compile checks of the C++/CUDA sources that need no GPU.
 
-* every ``csrc/*.cu`` compiles with nvcc (``-c``, sm_90 and sm_80) when nvcc is installed;
+* every ``csrc/*.cu`` compiles with nvcc (``-c``, sm_90 and sm_80, the build's own flags) when nvcc
+  is installed, and its PTX keeps the "Bitwise rules" of ``_layout.py`` (no fma, no approximate
+  division or root: ``--fmad=false``);
 * ``csrc/fastddpm_math.h`` compiles as plain C++ (no torch, no CUDA), its constants equal
-  ``fastddpm/_layout.py``, and its scalar Philox / Box-Muller (the code the CUDA kernels and the
-  portable CPU path run) agree with the plain-torch spec in ``fastddpm.noise``.
+  ``fastddpm/_layout.py`` exactly, and its scalar Philox / Box-Muller / exp (the code the CUDA
+  kernels and the portable CPU path run), built with the CPU extension's flags, give the same bits
+  as the plain-torch spec in ``fastddpm.noise``.
 """
 
 import glob
 import os
+import re
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -50,9 +55,30 @@ def test_there_are_cuda_sources():
 def test_cu_file_compiles_with_nvcc(source, arch, tmp_path):
     nvcc = _nvcc()
     obj = tmp_path / (source.stem + ".o")
-    flags = ["-std=c++17", "-O3", f"-arch={arch}", "-Xcompiler", "-Wall", f"-I{CSRC}"]
+    flags = ["-std=c++17", *_build._cuda_build_flags(), f"-arch={arch}", "-Xcompiler", "-Wall", f"-I{CSRC}"]
     _run([nvcc, *flags, "-c", str(source), "-o", str(obj)])
     assert obj.stat().st_size > 0
+
+
+_FMA = re.compile(r"\bfma\.[\w.]*f32\b")
+_APPROX = re.compile(r"\b(?:div|sqrt|rsqrt|rcp|ex2|lg2|sin|cos)\.(?:approx|full)[\w.]*")
+
+
+def test_cuda_kernels_ptx_has_no_fma_or_approximations(tmp_path):
+    """With the build's flags (--fmad=false) the PTX rounds every float32 operation on its own, as
+    the CPU kernels and the reference do; nvcc's default (--fmad=true) would contract a*b + c."""
+    nvcc = _nvcc()
+    src = CSRC / "cuda_kernels.cu"
+    base = ["-std=c++17", "-arch=sm_90", f"-I{CSRC}", "-ptx", str(src)]
+    flags = _build._cuda_build_flags()
+    assert "--fmad=false" in flags
+    _run([nvcc, *flags, *base, "-o", str(tmp_path / "k.ptx")])
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert "sqrt.rn.f32" in ptx  # the Box-Muller root is there, correctly rounded
+    assert _FMA.findall(ptx) == []
+    assert sorted(set(_APPROX.findall(ptx))) == []
+    _run([nvcc, *[f for f in flags if f != "--fmad=false"], *base, "-o", str(tmp_path / "default.ptx")])
+    assert _FMA.findall((tmp_path / "default.ptx").read_text()), "nvcc's default contracts: the check has teeth"
 
 
 def test_cuda_header_is_plain_c(tmp_path):
@@ -69,8 +95,9 @@ def test_cuda_header_is_plain_c(tmp_path):
 _CONSTANTS = {k: v for k, v in vars(L).items() if k.isupper() and isinstance(v, (int, float))}
 
 
-def _math_probe(tmp_path, seed: int, g: int, t: int, stream: int, groups: int) -> dict[str, list[str]]:
-    """Compile and run a program that prints the header's constants, Philox words and normals."""
+def _math_probe(tmp_path, seed: int, g: int, t: int, stream: int, groups: int, exp_in=None) -> dict[str, list[str]]:
+    """Compile (with the CPU extension's flags) and run a program that prints the header's constants,
+    Philox words, normals (as float32 bit patterns) and exp_f32 of the float32 values in ``exp_in``."""
     lines = [
         '#include "fastddpm_multistep.h"',  # includes fastddpm_math.h
         "#include <cinttypes>",
@@ -93,7 +120,13 @@ def _math_probe(tmp_path, seed: int, g: int, t: int, stream: int, groups: int) -
         '    std::printf("words %u %u %u %u\\n", r0, r1, r2, r3);',
         "    float n0, n1, n2, n3;",
         "    philox_normal4(st, static_cast<uint32_t>(i), n0, n1, n2, n3);",
-        '    std::printf("normals %.9g %.9g %.9g %.9g\\n", n0, n1, n2, n3);',
+        '    std::printf("normals %u %u %u %u\\n", float_as_uint(n0), float_as_uint(n1), float_as_uint(n2),',
+        "                float_as_uint(n3));",
+        "  }",
+        '  if (FILE* f = std::fopen("exp_in.bin", "rb")) {',
+        "    float x;",
+        '    while (std::fread(&x, sizeof(x), 1, f) == 1) std::printf("exp %u\\n", float_as_uint(exp_f32(x)));',
+        "    std::fclose(f);",
         "  }",
         "  return 0;",
         "}",
@@ -101,11 +134,15 @@ def _math_probe(tmp_path, seed: int, g: int, t: int, stream: int, groups: int) -
     src = tmp_path / "probe.cpp"
     src.write_text("\n".join(lines) + "\n")
     exe = tmp_path / "probe"
-    # -Wall -Wextra -Werror: the header stays warning-free for any includer
-    _run([_cxx(), "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)])
+    if exp_in is not None:
+        (tmp_path / "exp_in.bin").write_bytes(struct.pack(f"{len(exp_in)}f", *exp_in))
+    # -Wall -Wextra -Werror: the header stays warning-free for any includer. The CPU extension's
+    # flags (-O3 -march=native -ffp-contract=off ...): the arithmetic the extension runs.
+    flags = _build.cpu_build_flags(openmp=False)
+    _run([_cxx(), "-std=c++17", *flags, "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)])
     proc = subprocess.run([str(exe), str(seed), str(g), str(t), str(stream), str(groups)], capture_output=True,
-                          text=True, timeout=60, check=True)  # fmt: skip
-    out: dict[str, list[str]] = {"const": [], "words": [], "normals": []}
+                          text=True, timeout=60, check=True, cwd=tmp_path)  # fmt: skip
+    out: dict[str, list[str]] = {"const": [], "words": [], "normals": [], "exp": []}
     for line in proc.stdout.splitlines():
         kind, rest = line.split(" ", 1)
         out[kind].append(rest)
@@ -116,10 +153,7 @@ def test_math_header_constants_equal_layout(tmp_path):
     probe = _math_probe(tmp_path, seed=1, g=0, t=0, stream=0, groups=0)
     got = {name: float(value) for name, value in (line.split() for line in probe["const"])}
     for name, want in _CONSTANTS.items():
-        if isinstance(want, float):
-            assert got[name] == pytest.approx(want, rel=1e-7), name  # float constants are float32 in C++
-        else:
-            assert got[name] == want, name
+        assert got[name] == want, name  # exact: the float constants are exact float32 values on both sides
     assert set(got) == set(_CONSTANTS)
 
 
@@ -138,9 +172,19 @@ def test_math_header_philox_is_the_spec(tmp_path, seed, g, t, stream):
     ref_words = torch.stack(nz.philox4x32(c0, c1, c2, c3, seed), dim=1)
     assert torch.equal(words, ref_words)  # bit-exact uint32 words
 
-    normals = torch.tensor([[float(v) for v in line.split()] for line in probe["normals"]], dtype=torch.float64)
-    ref = nz.philox_normal(seed, torch.tensor([g]), torch.tensor([t]), 4 * groups, stream, dtype=torch.float64)
-    assert (normals.reshape(1, -1) - ref).abs().max().item() < 1e-5
+    bits = torch.tensor([[int(v) for v in line.split()] for line in probe["normals"]], dtype=torch.int64)
+    normals = bits.to(torch.int32).view(torch.float32).reshape(1, -1)  # uint32 bits -> int32 -> float32
+    ref = nz.philox_normal(seed, torch.tensor([g]), torch.tensor([t]), 4 * groups, stream)
+    assert torch.equal(normals.view(torch.int32), ref.view(torch.int32))  # bit-exact float32 normals
+
+
+def test_math_header_exp_is_the_spec(tmp_path):
+    x = torch.cat([(torch.rand(20_000) - 0.5) * 220, torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])])
+    probe = _math_probe(tmp_path, seed=1, g=0, t=0, stream=0, groups=0, exp_in=x.tolist())
+    got = torch.tensor([int(v) for v in probe["exp"]], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    want = nz.exp_f32(x)
+    assert torch.equal(got[:-2].view(torch.int32), want[:-2].view(torch.int32))
+    assert torch.isnan(got[-2]) and got[-1] == 1.0
 
 
 def _cuda_include() -> str:

@@ -49,4 +49,9 @@ noise_mode, x0_only) -> None``
 
 Every launcher also has ``available() -> tuple[bool, str]`` saying whether it can run here and, if
 not, why (no compiler, no GPU, triton missing, build failed, ...).
+
+Given the same tensors every backend writes the same bits (the "Bitwise rules" of
+:mod:`fastddpm._layout`; tests/test_bitwise.py), and every launcher accepts ``B == 0`` or ``N == 0``
+and then launches nothing. A row or timestep index out of range raises on ``cpu`` (checked on the
+host) and makes that sample's outputs NaN on ``cuda`` and ``triton`` (checked on the device).
 """

@@ -11,6 +11,7 @@ import torch
 
 from .. import _layout as L
 from ..noise import philox_normal
+from ..reference import fused_update_f32
 
 
 def available(device=None) -> tuple[bool, str]:
@@ -24,37 +25,27 @@ def _rng_values(rng: torch.Tensor) -> tuple[int, int]:
 
 def step(x, m, v, noise, prev_out, x0_out, coef, tval, rows, thresh, rng, *, clip_mode, clip_range, var_mode,
          noise_mode, x0_only) -> None:  # fmt: skip
-    """See :mod:`fastddpm.backends`. Reads ``rng`` on the host (one sync), so it is not graph-safe."""
-    c = coef.index_select(0, rows).unsqueeze(-1)  # [B, NCOEF, 1]
-    col = lambda k: c[:, k]
+    """See :mod:`fastddpm.backends`. Reads ``rng`` on the host (one sync), so it is not graph-safe.
+
+    The update is :func:`fastddpm.reference.fused_update_f32`: bitwise the fused kernels' result."""
+    c = coef.index_select(0, rows)  # [B, NCOEF]
     xf, mf = x.float(), m.float()
-    x0 = col(L.COEF_CX) * xf + col(L.COEF_CM) * mf
-    if clip_mode == L.CLIP_RANGE:
-        x0 = x0.clamp(-clip_range, clip_range)
-    elif clip_mode == L.CLIP_THRESHOLD:
-        s = thresh.float().reshape(-1, 1)
-        x0 = torch.clamp(x0, -s, s) / s
     if x0_only:
+        _, x0 = fused_update_f32(xf, mf, None, None, c, clip_mode=clip_mode, clip_range=clip_range, x0_only=True)
         x0_out.copy_(x0)
         return
-    eps = col(L.COEF_EX) * xf + col(L.COEF_EM) * mf + col(L.COEF_E0) * x0
-    mean = col(L.COEF_P0) * x0 + col(L.COEF_PX) * xf + col(L.COEF_PE) * eps
-    if x0_out is not None:
-        x0_out.copy_(x0)
-    if noise_mode == L.NOISE_NONE:
-        prev_out.copy_(mean)
-        return
-    if var_mode == L.VAR_LEARNED:
-        std = torch.exp(0.5 * (col(L.COEF_LVA) * v.float() + col(L.COEF_LVB)))
-    else:
-        std = col(L.COEF_STD)
+    z = None
     if noise_mode == L.NOISE_TENSOR:
         z = noise.float()
-    else:
+    elif noise_mode == L.NOISE_PHILOX:
         seed, offset = _rng_values(rng)
         g = torch.arange(offset, offset + x.shape[0], dtype=torch.int64, device=x.device)
         z = philox_normal(seed, g, tval.index_select(0, rows), x.shape[1], L.STREAM_STEP)
-    prev_out.copy_(torch.where(col(L.COEF_GATE) > 0, mean + std * z, mean))
+    vf = v.float() if var_mode == L.VAR_LEARNED and z is not None else None
+    prev, x0 = fused_update_f32(xf, mf, vf, z, c, clip_mode=clip_mode, clip_range=clip_range, thresh=thresh)
+    if x0_out is not None:
+        x0_out.copy_(x0)
+    prev_out.copy_(prev)
 
 
 def q_sample(x0, noise, out, table, t, rng, *, noise_mode) -> None:
@@ -62,10 +53,12 @@ def q_sample(x0, noise, out, table, t, rng, *, noise_mode) -> None:
     coef = table.index_select(0, t)
     if noise_mode == L.NOISE_TENSOR:
         z = noise.float()
-    else:
+    elif noise_mode == L.NOISE_PHILOX:
         seed, offset = _rng_values(rng)
         g = torch.arange(offset, offset + x0.shape[0], dtype=torch.int64, device=x0.device)
         z = philox_normal(seed, g, t, x0.shape[1], L.STREAM_QSAMPLE)
+    else:  # NOISE_NONE
+        z = torch.zeros_like(x0, dtype=torch.float32)
     out.copy_(coef[:, L.QS_A : L.QS_A + 1] * x0.float() + coef[:, L.QS_B : L.QS_B + 1] * z)
 
 

@@ -8,6 +8,11 @@ captured in a CUDA graph and replayed.
 
 On CPU tensors the kernels run only in the Triton interpreter, which is chosen when the kernel
 modules are first imported with ``TRITON_INTERPRET=1`` in the environment.
+
+Every launch passes ``enable_fp_fusion=False`` (``philox.LAUNCH_OPTIONS``): the kernels follow the
+float32 operation order of the "Bitwise rules" of :mod:`fastddpm._layout`, so their results are
+bitwise those of the other backends. Row and timestep indices are bounds-checked on the device:
+a bad one gives NaN outputs for that sample (as the CUDA kernels), never an out-of-bounds read.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def _kernels() -> types.SimpleNamespace:
         randn=randn.randn_kernel,
         multistep=multistep.multistep_kernel,
         block_config=philox.block_config,
+        launch_options=philox.LAUNCH_OPTIONS,
     )
 
 
@@ -252,6 +258,7 @@ def step(
                 thresh_arg,
                 rng,
                 numel,
+                coef.shape[0],
                 b_base,
                 x.stride(0),
                 m.stride(0),
@@ -270,6 +277,7 @@ def step(
                 WRITE_X0=write_x0,
                 BLOCK_G=block_g,
                 num_warps=num_warps,
+                **k.launch_options,
             )
 
 
@@ -322,6 +330,7 @@ def q_sample(
                 t,
                 rng,
                 numel,
+                table.shape[0],
                 b_base,
                 x0.stride(0),
                 noise_arg.stride(0),
@@ -330,6 +339,7 @@ def q_sample(
                 NOISE_MODE=noise_mode,
                 BLOCK_G=block_g,
                 num_warps=num_warps,
+                **k.launch_options,
             )
 
 
@@ -366,6 +376,7 @@ def randn(out: torch.Tensor, t: torch.Tensor, rng: torch.Tensor, *, stream: int)
                 STREAM=stream,
                 BLOCK_G=block_g,
                 num_warps=num_warps,
+                **k.launch_options,
             )
 
 
