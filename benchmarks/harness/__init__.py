@@ -40,7 +40,8 @@ Run ``python benchmarks/harness --help`` or ``fastddpm bench --help``; file form
 ``benchmarks/README.md``.
 
 Modules, in the order a run goes through them: ``rows`` (what to run: row kinds, columns, the
-default matrix), ``models`` (the U-Nets), ``prepare`` (one preparer per row kind), ``timing``
+default matrix), ``models`` (the U-Nets), ``prepare`` (one preparer per row kind; ``solver_rows``
+those of the multistep solvers), ``timing``
 (clock, repeats, percentiles, memory), ``run`` (the budgeted loop, ratios, JSON/CSV), ``report``
 (targets, table, chart) and ``cli``. This package re-exports their public names, so
 ``import harness`` (with ``benchmarks/`` on ``sys.path``) or ``fastddpm.cli.bench.load_harness()``

@@ -193,9 +193,10 @@ def _prep_diffusers_solver_pipeline(ctx: CaseContext, row: Row) -> Prepared:
 def _prep_end_to_end(ctx: CaseContext, row: Row) -> Prepared:
     """E2E: one whole ``fastddpm.sample()`` call (x_T, plan, graph capture on CUDA, S steps, clamp) in seed mode.
 
-    Two probe calls of ``min(S, cfg.steps)`` steps estimate a whole run; when it would take longer than
-    ``cfg.e2e_full_max_s`` the timed runs are these short calls and ``e2e_s`` is their per-step time x S (a
-    projection, said in ``note``); otherwise the timed runs are whole S-step calls.
+    Probe calls of ``p = min(S, cfg.steps)`` and ``min(S, 2p)`` steps estimate a whole run (the call's fixed
+    cost, e.g. graph capture, plus S - p marginal steps); when it would take longer than ``cfg.e2e_full_max_s``
+    the timed runs are p-step calls and ``e2e_s`` is their per-step time x S (a projection, said in ``note``);
+    otherwise the timed runs are whole S-step calls.
     """
     import fastddpm
 
@@ -213,14 +214,20 @@ def _prep_end_to_end(ctx: CaseContext, row: Row) -> Prepared:
     probe = min(steps, cfg.steps)
     clock = Clock(device)
     clock.wall(lambda: call(probe))  # first call: lazy initialisation, autotuning
-    per_step = clock.wall(lambda: call(probe)) / probe
-    full = probe == steps or per_step * steps <= cfg.e2e_full_max_s
+    t_probe = clock.wall(lambda: call(probe))
+    full = probe == steps
+    if not full:  # the whole run's estimate: the call's fixed cost (x_T, plan, graph capture) + marginal steps
+        longer = min(steps, 2 * probe)
+        marginal = max(0.0, (clock.wall(lambda: call(longer)) - t_probe) / (longer - probe))
+        estimate = t_probe + marginal * (steps - probe)
+        full = estimate <= cfg.e2e_full_max_s
     n = steps if full else probe
     if full:
         note = f"measured: whole sample() calls of {steps} steps"
     else:
         note = (f"projected: timed {probe}-step sample() calls, per-step time x {steps} (a whole run would take "
-                f"~{per_step * steps:.0f} s > e2e_full_max_s={cfg.e2e_full_max_s:g})")  # fmt: skip
+                f"~{estimate:.0f} s > e2e_full_max_s={cfg.e2e_full_max_s:g}; the call's fixed cost is scaled "
+                "too)")  # fmt: skip
     return Prepared(lambda: call(n), lambda: last[0] if last else None, backend=name, steps=n, e2e_steps=steps,
                     note=note, keep=[net])  # fmt: skip
 
