@@ -192,7 +192,7 @@ def plot_result(data: dict[str, Any], path: str | os.PathLike) -> Path | None:
         elif finite:
             ax.set_xlim(0, max(finite) * 1.6)
         left = ax.get_xlim()[0]
-        colors = ["tab:blue" if r["row"].startswith(("F", "K1")) else "tab:gray" for r in prs]
+        colors = ["tab:blue" if r["row"].startswith("F") or r["row"] in ("K1", "KS") else "tab:gray" for r in prs]
         ax.barh(ypos, [v if v else left for v in vals], left=0 if left <= 0 else None, color=colors)
         for y, v, r in zip(ypos, vals, prs):
             if r["status"] != "ok":
