@@ -324,6 +324,112 @@ def check_two_gpu_graphs(device: Any) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# The multistep solvers (issue 11): graphs vs eager, and the fused launchers bitwise
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_multistep_graph_vs_eager(device: Any) -> dict[str, Any]:
+    """``fastddpm.sample(sampler="dpmpp_2m_sde")`` in seed mode (in-kernel Philox SDE noise) with CUDA graphs (1
+    and 4 steps per graph) ``torch.equal`` to eager, per fused backend; the bundled digits model, channels_last,
+    7 images in batches of 4 (a remainder batch with graphs of its own), 10 steps; plus ``unipc`` at k=1."""
+    import torch
+
+    import fastddpm
+    from fastddpm.registry import load_model
+
+    if device.type != "cuda":
+        raise Skip("CUDA graphs need a CUDA device")
+    model, schedule, _ = load_model("digits", device)
+    model = model.to(memory_format=torch.channels_last)
+    out: dict[str, Any] = {}
+    ok = True
+    for backend in _cuda_backends(device):
+        for sampler, ks in (("dpmpp_2m_sde", (1, 4)), ("unipc", (1,))):
+            kw = dict(sampler=sampler, num_inference_steps=10, seed=11, device=device, dtype=torch.float32,
+                      progress=False, backend=backend, batch_size=4)  # fmt: skip
+            eager = fastddpm.sample(model, schedule, 7, cuda_graph=False, **kw)
+            res: dict[str, Any] = {}
+            for k in ks:
+                g = fastddpm.sample(model, schedule, 7, cuda_graph=True, steps_per_graph=k, **kw)
+                res[f"k{k}_equal"] = bool(torch.equal(g, eager))
+                res[f"k{k}_max_abs"] = float((g - eager).abs().max())
+                ok = ok and res[f"k{k}_equal"]
+            res["finite"] = bool(torch.isfinite(eager).all())
+            res["unsaturated_fraction"] = float((eager.abs() < 0.99).double().mean())
+            ok = ok and res["finite"] and res["unsaturated_fraction"] > 0.05
+            out[f"{backend}/{sampler}"] = res
+    out["ok"] = ok
+    return out
+
+
+def multistep_backends(device: Any) -> list[str]:
+    """The fused backends :func:`check_multistep_launchers` compares: ``triton`` and ``cuda`` on CUDA (both
+    required); on CPU (the dry run, no extension build) ``triton`` under the interpreter twice, else
+    ``reference`` twice: the check's plumbing and one backend's determinism."""
+    import torch
+
+    from fastddpm.dispatch import availability
+
+    if device.type == "cuda":
+        return _cuda_backends(device)
+    for name in ("triton", "reference"):
+        if availability(name, torch.device("cpu"))[0]:
+            return [name, name]
+    raise Skip("no backend runs on CPU")
+
+
+def check_multistep_launchers(device: Any) -> dict[str, Any]:
+    """The fused multistep step (``fastddpm.driver.fused_multistep``) of each backend of
+    :func:`multistep_backends` from the same inputs, every solver over a whole 6-step plan (warm-up rows,
+    full-order rows, the lower-order final row; a fresh model output per step, Philox noise for the SDE
+    variant): x, the corrector's xp and the history ring must be ``torch.equal`` across backends. The float32
+    result's distance to the float64 ``reference`` run of the same loop is recorded (not bitwise: a bound)."""
+    import torch
+
+    from fastddpm import Schedule
+    from fastddpm.driver import MULTISTEP_SAMPLERS, Stepper, fused_multistep, make_plan
+
+    backends = multistep_backends(device)
+    schedule = Schedule()
+    b, shape, steps = 3, (5, 7, 11), 6
+    gen = torch.Generator().manual_seed(4321)
+    x_T = torch.randn((b, *shape), generator=gen)
+    ms = torch.randn((steps, b, *shape), generator=gen)
+    out: dict[str, Any] = {"backends": backends}
+    ok = True
+    for sampler in MULTISTEP_SAMPLERS:
+        states = []
+        for backend, dtype, dev in [(n, torch.float32, device) for n in backends] + [
+            ("reference", torch.float64, torch.device("cpu"))
+        ]:
+            plan = make_plan(schedule, sampler, steps, "linspace", 0.0, dev)
+            st = Stepper(plan, schedule, b, shape, dev, backend)
+            st.x, st.xp, st.hist = st.x.to(dtype), st.xp.to(dtype), st.hist.to(dtype)
+            st.reset(x_T.to(dev, dtype), 0x9E3779B97F4A7C15, 5)
+            coef = plan.coef64.to(dev) if dtype == torch.float64 else plan.coef  # the float64 spec's own table
+            for i in range(steps):
+                fused_multistep(backend, st.x.view(b, -1), ms[i].to(dev, dtype).reshape(b, -1), st.xp, st.hist, None,
+                                coef, plan.tval, st.step, st.rng, schedule=schedule, clip=plan.clip_mode,
+                                noise_mode=plan.noise_mode)  # fmt: skip
+                st.step.add_(1)
+            states.append([t.cpu() for t in (st.x, st.xp, st.hist)])
+        res: dict[str, Any] = {}
+        for j, name in enumerate(("x", "xp", "hist")):
+            a, c = states[0][j], states[1][j]
+            equal = bool(torch.equal(a, c))
+            res[f"{name}_equal"] = equal
+            res[f"{name}_mismatches"] = 0 if equal else int((a != c).sum())
+            ok = ok and equal
+        res["x_max_abs_vs_float64"] = float((states[0][0].double() - states[-1][0]).abs().max())
+        res["x_scale"] = float(states[-1][0].abs().max())
+        res["finite"] = bool(torch.isfinite(states[0][0]).all())
+        ok = ok and res["finite"] and res["x_max_abs_vs_float64"] <= 1e-4 * max(1.0, res["x_scale"])
+        out[sampler] = res
+    out["ok"] = ok
+    return out
+
+
 @dataclass(frozen=True)
 class Check:
     """A check, whether it needs a CUDA device, and its expected seconds on one (printed by the dry run)."""
@@ -340,4 +446,6 @@ CHECKS: dict[str, Check] = {
     "graph_vs_eager": Check(check_graph_vs_eager, True, 40.0),
     "two_gpu_graphs": Check(check_two_gpu_graphs, True, 20.0),
     "opcheck": Check(check_opcheck, True, 20.0),
+    "multistep_graph_vs_eager": Check(check_multistep_graph_vs_eager, True, 25.0),
+    "multistep_launchers": Check(check_multistep_launchers, False, 10.0),
 }

@@ -79,8 +79,14 @@ def test_dry_run_skips_gpu_steps_and_prints_their_budgets(dry_run):
     for pairs in cases.values():
         assert pairs and all(p["equal"] and p["mismatches"] == 0 and p["max_abs"] == 0.0 for p in pairs.values())
 
+    launchers = checks["multistep_launchers"]  # the multistep solvers' fused step, bitwise across two runs
+    assert launchers["status"] == "ok" and {"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"} <= set(launchers)
+    assert all(launchers[s]["x_equal"] and launchers[s]["hist_equal"] for s in ("dpmpp_2m_sde", "unipc"))
+
     bench = sections["bench"]["details"]
     assert bench["dry_run"] and bench["rows"]["K0"] == "ok" and bench["gpu_rows"] > 0
+    assert bench["rows"]["KS dpmpp_2m reference"] == "ok" and bench["rows"]["KS unipc reference"] == "ok"
+    assert "dry run: bench step-only:8192 KS dpmpp_3m" in log  # the GPU matrix has the solver rows
     assert "before timing" in log and "bench budget" in log
 
 

@@ -17,6 +17,11 @@ COPY   ``x.copy_(y)`` on a large float32 tensor: the memory bandwidth yardstick 
 K0     the step alone, reference formula with ``torch.randn`` noise (many small kernels)
 K1     the step alone, the fused kernel launcher of one backend with in-kernel Philox noise
 K2     the step alone, through the public op ``fastddpm.ddpm_step`` (validation, x0 output)
+KS     a multistep solver's step alone: ``fastddpm.driver.fused_multistep`` over the plan's S steps
+KSD    diffusers' ``step`` of the same scheduler in a loop over its S timesteps
+FS     fastddpm sampler with a multistep solver (U-Net + fused solver step), S steps
+BS     diffusers ``DDPMPipeline`` with the same multistep scheduler, S steps
+E2E    one whole ``fastddpm.sample()`` call at S steps (few-step solvers against DDPM at 1000)
 =====  ===========================================================================================
 
 Row options (:class:`Variant`): U-Net autocast dtype (``bf16`` = ``sample(dtype=torch.bfloat16)``),
@@ -35,7 +40,8 @@ Run ``python benchmarks/harness --help`` or ``fastddpm bench --help``; file form
 ``benchmarks/README.md``.
 
 Modules, in the order a run goes through them: ``rows`` (what to run: row kinds, columns, the
-default matrix), ``models`` (the U-Nets), ``prepare`` (one preparer per row kind), ``timing``
+default matrix), ``models`` (the U-Nets), ``prepare`` (one preparer per row kind; ``solver_rows``
+those of the multistep solvers), ``timing``
 (clock, repeats, percentiles, memory), ``run`` (the budgeted loop, ratios, JSON/CSV), ``report``
 (targets, table, chart) and ``cli``. This package re-exports their public names, so
 ``import harness`` (with ``benchmarks/`` on ``sys.path``) or ``fastddpm.cli.bench.load_harness()``
@@ -69,6 +75,7 @@ from .rows import (
     PNG_NAME,
     ROW_KINDS,
     SCHEMA,
+    SOLVER_ROWS,
     BenchConfig,
     Case,
     Row,
@@ -78,6 +85,7 @@ from .rows import (
     default_config,
     default_tasks,
     filter_tasks,
+    solver_tasks,
 )
 from .run import (
     BenchResult,
@@ -89,6 +97,7 @@ from .run import (
     write_csv,
     write_json,
 )
+from .solver_rows import DIFFUSERS_SOLVERS, SOLVER_PREPARERS
 from .timing import (
     Clock,
     MemoryProbe,
@@ -100,12 +109,13 @@ from .timing import (
 )
 
 __all__ = [
-    "BenchConfig", "BenchResult", "COLUMNS", "COMPILE_ROWS", "CSV_NAME", "Case", "CaseContext", "Clock", "DESCRIPTION",
-    "DTYPES", "JSON_NAME", "KERNEL_ROWS", "META_COLUMNS", "MODEL_ROWS", "MemoryProbe", "PNG_NAME", "PREPARERS",
-    "Prepared", "ROW_KINDS", "Row", "SCHEMA", "Skip", "TARGET_MINUTES", "TARGET_MODEL", "TARGET_SAMPLES", "Task",
-    "Variant", "add_ratios", "autocast_context", "config_from_args", "default_cases", "default_config",
-    "default_tasks", "environment", "evaluate_targets", "expand_kernel_rows", "expected_setup_s", "filter_tasks",
-    "format_table", "format_targets", "load_bench_model", "main", "measure_task", "parse_cases", "percentiles",
-    "plot_json", "plot_result", "repeat_count", "repeat_times", "run_benchmark", "run_from_args", "sample_shape",
+    "BenchConfig", "BenchResult", "COLUMNS", "COMPILE_ROWS", "CSV_NAME", "Case", "CaseContext", "Clock",
+    "DESCRIPTION", "DIFFUSERS_SOLVERS", "DTYPES", "JSON_NAME", "KERNEL_ROWS", "META_COLUMNS", "MODEL_ROWS",
+    "MemoryProbe", "PNG_NAME", "PREPARERS", "Prepared", "ROW_KINDS", "Row", "SCHEMA", "SOLVER_PREPARERS",
+    "SOLVER_ROWS", "Skip", "TARGET_MINUTES", "TARGET_MODEL", "TARGET_SAMPLES", "Task", "Variant", "add_ratios",
+    "autocast_context", "config_from_args", "default_cases", "default_config", "default_tasks", "environment",
+    "evaluate_targets", "expand_kernel_rows", "expected_setup_s", "filter_tasks", "format_table", "format_targets",
+    "load_bench_model", "main", "measure_task", "parse_cases", "percentiles", "plot_json", "plot_result",
+    "repeat_count", "repeat_times", "run_benchmark", "run_from_args", "sample_shape", "solver_tasks",
     "tiny_unet_config", "unet_flops_per_image", "variant_context", "write_csv", "write_json",
 ]  # fmt: skip

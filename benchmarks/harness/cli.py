@@ -36,7 +36,7 @@ def parse_cases(specs: Sequence[str]) -> list[Case]:
 def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[Task]]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides: dict[str, Any] = {"compile_backend": args.compile_backend, "time_budget_s": args.time_budget}
-    for name in ("steps", "target_s", "min_repeats", "max_repeats"):
+    for name in ("steps", "target_s", "min_repeats", "max_repeats", "solver_steps"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.kernel_backends:

@@ -37,6 +37,9 @@ class Prepared:
     flops_per_call: int | None = None
     compiled: bool = False
     keep: list[Any] = field(default_factory=list)  # objects to free after the row
+    steps: int | None = None  # solver rows: steps per timed run (model rows: instead of the case's steps)
+    e2e_steps: int | None = None  # E2E rows: the S of the whole run (``e2e_s`` = ms/step x S)
+    note: str = ""  # how the row was measured, when that needs saying (the ``note`` column)
 
 
 class CaseContext:
@@ -221,14 +224,7 @@ def _prep_pipeline(ctx: CaseContext, row: Row) -> Prepared:
         from diffusers import DDPMPipeline, DDPMScheduler
     except ImportError as e:
         raise Skip(f"diffusers is not installed ({e})") from None
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # to_diffusers' dtype cast logs a harmless warning
-    try:
-        dunet = ctx.model.to_diffusers().eval().requires_grad_(False)
-    finally:
-        diffusers_logging.set_verbosity(level)
+    dunet = _diffusers_unet(ctx)
     scheduler = DDPMScheduler.from_config(ctx.schedule.to_dict())
     pipe = DDPMPipeline(unet=dunet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -242,6 +238,18 @@ def _prep_pipeline(ctx: CaseContext, row: Row) -> Prepared:
         return torch.as_tensor(last[0]) * 2 - 1 if last else None
 
     return Prepared(run, output, backend="diffusers DDPMScheduler", keep=[pipe, dunet])
+
+
+def _diffusers_unet(ctx: CaseContext) -> Any:
+    """A diffusers ``UNet2DModel`` with the case model's config and weights (``UNet.to_diffusers()``)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # to_diffusers' dtype cast logs a harmless warning
+    try:
+        return ctx.model.to_diffusers().eval().requires_grad_(False)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _step_inputs(ctx: CaseContext) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -362,17 +370,22 @@ PREPARERS: dict[str, Callable[[CaseContext, Row], Prepared]] = {
     "KD": _prep_kernel,
     "MM": _prep_kernel,
 }
+from .solver_rows import SOLVER_PREPARERS  # noqa: E402  (it builds on the helpers above)
+
+PREPARERS.update(SOLVER_PREPARERS)
 
 
 def expand_kernel_rows(tasks: Sequence[Task], cfg: BenchConfig, device: torch.device) -> list[Task]:
-    """Give every K1 row with ``backend="auto"`` one copy per backend of ``cfg.kernel_backends``."""
+    """Give every K1 and KS row with ``backend="auto"`` one copy per backend of ``cfg.kernel_backends``."""
     backends = cfg.kernel_backends
     if backends is None:
         backends = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
     out = []
     for t in tasks:
-        if t.row.kind == "K1" and t.row.variant.backend == "auto":
-            out += [dataclasses.replace(t, row=Row("K1", Variant(backend=b))) for b in backends]
+        if t.row.kind in ("K1", "KS") and t.row.variant.backend == "auto":
+            out += [
+                dataclasses.replace(t, row=dataclasses.replace(t.row, variant=Variant(backend=b))) for b in backends
+            ]
         else:
             out.append(t)
     return out

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .rows import KERNEL_ROWS, MODEL_ROWS
+from .rows import KERNEL_ROWS, MODEL_ROWS, SOLVER_ROWS
 
 
 def fmt_value(v: Any, spec: str) -> str:
@@ -117,6 +117,17 @@ def format_table(result: Any) -> str:
             f"{fmt_value(r.get('tflops'), '7.3g')} {fmt_value(r.get('gbps'), '7.4g')} {fmt_value(pct, '6.1f')} "
             f"{fmt_value(r.get('speedup_vs_KD'), '6.2f')} {fmt_value(r.get('peak_mem_mb'), '8.0f')}"
         )
+    solver = [r for r in rows if r["row"] in SOLVER_ROWS and r["status"] == "ok"]
+    if solver:
+        lines += ["", f"{'model':>12s} {'batch':>5s} {'solver row':<34s} {'steps':>5s} {'ms/step':>9s} {'vs diffusers':>12s} "
+                      f"{'e2e s':>9s} {'vs DDPM-1000':>12s}  note"]  # fmt: skip
+        for r in solver:
+            lines.append(
+                f"{r['model']:>12s} {r['batch']:>5d} {r['name']:<34s} {r['steps'] or '':>5} "
+                f"{r['ms_per_step_median']:9.3f} {fmt_value(r.get('speedup_vs_diffusers'), '.2f'):>12s} "
+                f"{fmt_value(r.get('e2e_s'), '.2f'):>9s} {fmt_value(r.get('speedup_vs_ddpm1000'), '.1f'):>12s}  "
+                f"{r.get('note') or ''}"
+            )
     meta = result.get("meta", {}) if isinstance(result, dict) else result.meta
     return "\n".join(lines) + "\n\n" + format_targets(evaluate_targets(rows), meta.get("device_name"))
 
@@ -181,7 +192,7 @@ def plot_result(data: dict[str, Any], path: str | os.PathLike) -> Path | None:
         elif finite:
             ax.set_xlim(0, max(finite) * 1.6)
         left = ax.get_xlim()[0]
-        colors = ["tab:blue" if r["row"].startswith(("F", "K1")) else "tab:gray" for r in prs]
+        colors = ["tab:blue" if r["row"].startswith("F") or r["row"] in ("K1", "KS") else "tab:gray" for r in prs]
         ax.barh(ypos, [v if v else left for v in vals], left=0 if left <= 0 else None, color=colors)
         for y, v, r in zip(ypos, vals, prs):
             if r["status"] != "ok":

@@ -27,9 +27,19 @@ ROW_KINDS: dict[str, str] = {
     "K2": "step only: public op fastddpm.ddpm_step (validation + x0 output)",
     "KD": "step only: diffusers DDPMScheduler.step (its own torch noise)",
     "MM": "bf16 matrix product (fp32 on CPU), square: matmul-rate yardstick",
+    "KS": "solver step only: fused multistep kernel (fused_multistep), a loop over the plan's S steps, per step",
+    "KSD": "solver step only: diffusers scheduler .step in a loop over its S timesteps (set_timesteps included)",
+    "FS": "fastddpm sampler with a multistep solver, S steps (one CUDA graph per step on GPU, eager on CPU)",
+    "BS": "diffusers DDPMPipeline loop with the same multistep scheduler, S steps",
+    "E2E": "end to end: one whole fastddpm.sample() call at S steps (projected from a shorter run if too long)",
 }
 MODEL_ROWS = ("B0a", "B0b", "B1", "B2", "F1", "F2", "F3")
-KERNEL_ROWS = ("COPY", "MM", "K0", "K1", "K2", "KD")
+KERNEL_ROWS = ("COPY", "MM", "K0", "K1", "K2", "KD", "KS", "KSD")
+#: Rows of the multistep solvers (a ``sampler`` each); their ratios are ``speedup_vs_diffusers`` (KS over KSD,
+#: FS over BS, same sampler and S) and ``speedup_vs_ddpm1000`` (E2E rows over the ``E2E ddpm S=1000`` row).
+SOLVER_ROWS = ("KS", "KSD", "FS", "BS", "E2E")
+#: Samplers an E2E row may run besides the multistep solvers (the DDPM-1000 baseline).
+E2E_SAMPLERS = ("ddpm", "ddim")
 COMPILE_ROWS = ("B1", "B2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +53,7 @@ COLUMNS = (
     "gflop_per_step", "tflops", "numel", "bytes_per_call", "gbps", "frac_of_copy_bw", "speedup_vs_K0",
     "speedup_vs_KD", "frac_of_matmul",
     "peak_mem_mb", "mem_note", "first_run_s", "compile_s", "capture_s", "output_finite", "description",
+    "sampler", "e2e_s", "speedup_vs_diffusers", "speedup_vs_ddpm1000", "note",
 )  # fmt: skip
 META_COLUMNS = ("device_name", "torch", "triton", "diffusers", "date")
 
@@ -107,16 +118,34 @@ class Row:
     kind: str
     variant: Variant = Variant()
     steps_per_graph: int = 1
+    sampler: str = ""  # solver rows (SOLVER_ROWS) only: the sampler they run (default "dpmpp_2m")
+    solver_steps: int | None = None  # solver rows only: S (None: the config's solver_steps)
 
     def __post_init__(self) -> None:
+        from fastddpm.driver import MULTISTEP_SAMPLERS
+
         if self.kind not in ROW_KINDS:
             raise ValueError(f"unknown row {self.kind!r}; allowed: {', '.join(ROW_KINDS)}")
         if self.steps_per_graph < 1:
             raise ValueError(f"steps_per_graph must be >= 1, got {self.steps_per_graph}")
+        if self.kind in SOLVER_ROWS:
+            if not self.sampler:  # the issue's headline solver
+                object.__setattr__(self, "sampler", "dpmpp_2m")
+            allowed = MULTISTEP_SAMPLERS + (E2E_SAMPLERS if self.kind == "E2E" else ())
+            if self.sampler not in allowed:
+                raise ValueError(f"row {self.kind}: unknown sampler {self.sampler!r}; allowed: {', '.join(allowed)}")
+            if self.solver_steps is not None and self.solver_steps < 1:
+                raise ValueError(f"solver_steps must be >= 1, got {self.solver_steps}")
+        elif self.sampler or self.solver_steps is not None:
+            raise ValueError(
+                f"sampler and solver_steps are options of the {', '.join(SOLVER_ROWS)} rows, not {self.kind}"
+            )
 
     @property
     def name(self) -> str:
         name = self.kind + (f" k={self.steps_per_graph}" if self.kind == "F3" else "")
+        if self.sampler:
+            name += f" {self.sampler}" + (f" S={self.solver_steps}" if self.solver_steps is not None else "")
         label = self.variant.label()
         return f"{name} {label}" if label else name
 
@@ -170,6 +199,9 @@ class BenchConfig:
         max_row_s: cap on the timed part of one row: fewer repeats (at least one) when the runs are
             slow; the ``repeats`` column says how many were made.
         seed: seed of the random U-Net weights and the inputs.
+        solver_steps: S of the solver rows (KS, KSD, FS, BS) that do not set their own.
+        e2e_full_max_s: an E2E row runs its whole S steps when one such run is expected to take at most this
+            many seconds; otherwise it times runs of ``steps`` steps and projects to S (its ``note`` says so).
     """
 
     device: str = "cpu"
@@ -186,8 +218,12 @@ class BenchConfig:
     compile_reserve_s: float = 60.0
     max_row_s: float = 60.0
     seed: int = 0
+    solver_steps: int = 10
+    e2e_full_max_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.solver_steps < 1:
+            raise ValueError(f"solver_steps must be >= 1, got {self.solver_steps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 1 <= self.min_repeats <= self.max_repeats:
@@ -205,10 +241,11 @@ def default_config(device: str, *, quick: bool = False, **overrides: Any) -> Ben
     """Sensible :class:`BenchConfig` for a device (``quick``: a smoke test of every code path)."""
     cuda = torch.device(device).type == "cuda"
     if quick:
-        base = dict(steps=2, min_repeats=1, max_repeats=2, target_s=0.0, warmup=1, copy_numel=1 << 16, matmul_n=64)
+        base = dict(steps=2, min_repeats=1, max_repeats=2, target_s=0.0, warmup=1, copy_numel=1 << 16, matmul_n=64,
+                    solver_steps=3, e2e_full_max_s=1.0)  # fmt: skip
     elif cuda:
         base = dict(steps=20, min_repeats=3, max_repeats=30, target_s=0.5, copy_numel=1 << 27, matmul_n=8192,
-                    compile_reserve_s=60.0, max_row_s=20.0)  # fmt: skip
+                    compile_reserve_s=60.0, max_row_s=20.0, e2e_full_max_s=15.0)  # fmt: skip
     else:  # inductor compiles a U-Net for minutes on a small CPU
         base = dict(steps=3, min_repeats=3, max_repeats=10, target_s=1.0, copy_numel=1 << 23, compile_reserve_s=300.0,
                     max_row_s=90.0)  # fmt: skip
@@ -246,6 +283,7 @@ def default_tasks(device_type: str, cases: Sequence[Case] | None = None, *, quic
                      Row("F1", Variant(channels_last=True, fused_norm=False))]  # fmt: skip
         rows += [Row("K0"), Row("KD"), Row("K1"), Row("K2")]
         tasks += [Task(c, r, 0) for r in rows]
+    tasks += solver_tasks(device_type, cases, quick=quick)
     compiled = [Row("B1"), Row("B2")]
     if cuda:
         compiled += [Row("F2", dataclasses.replace(bf16cl, compile_unet=True))]
@@ -275,6 +313,44 @@ def default_tasks(device_type: str, cases: Sequence[Case] | None = None, *, quic
         big = Case("step-only", 8192 if cuda else 512)  # 8192 x 3 x 32 x 32 fp32 = 100 MB per tensor on GPU
         tasks += [Task(big, Row("K0")), Task(big, Row("KD")), Task(big, Row("K1")), Task(big, Row("K2"))]
     return sorted(tasks, key=lambda t: t.priority)
+
+
+def solver_tasks(device_type: str, cases: Sequence[Case], *, quick: bool = False) -> list[Task]:
+    """The rows of the multistep solvers (:data:`SOLVER_ROWS`).
+
+    For the digits cases (or the last model when there is none): the step alone (KS, one row per backend, vs
+    KSD) for every solver, the sampling loop (FS vs BS) for ``dpmpp_2m``, ``dpmpp_2m_sde`` and ``unipc``, and
+    end to end ``dpmpp_2m`` at 10 and 20 steps, ``unipc`` at 10 against DDPM at 1000 (E2E). Other model cases:
+    KS/KSD and FS/BS of ``dpmpp_2m``. GPU: priority 1 (after the DDPM rows, before compiling); CPU: 1 for the
+    digits case, 2 for the others. On GPU the step-only case at batch 8192 gets KS/KSD of every solver.
+    ``quick``: the tiny case, every kind once, at priority 0.
+    """
+    from fastddpm.driver import MULTISTEP_SAMPLERS
+
+    cuda = device_type == "cuda"
+    model_cases = [c for c in cases if c.model != "step-only"]
+    if not model_cases:
+        return []
+    if quick:
+        c = model_cases[0]
+        rows = [Row("KS", sampler="dpmpp_2m"), Row("KSD", sampler="dpmpp_2m"), Row("KS", sampler="unipc"),
+                Row("KSD", sampler="unipc"), Row("FS", sampler="dpmpp_2m"), Row("BS", sampler="dpmpp_2m"),
+                Row("E2E", sampler="dpmpp_2m", solver_steps=10), Row("E2E", sampler="ddpm", solver_steps=1000)]  # fmt: skip
+        return [Task(c, r, 0) for r in rows]
+    main = [c for c in model_cases if c.model == "digits"] or [
+        c for c in model_cases if c.model == model_cases[-1].model
+    ]
+    full = [Row(k, sampler=s) for s in MULTISTEP_SAMPLERS for k in ("KS", "KSD")]
+    full += [Row(k, sampler=s) for s in ("dpmpp_2m", "dpmpp_2m_sde", "unipc") for k in ("FS", "BS")]
+    full += [Row("E2E", sampler="dpmpp_2m", solver_steps=10), Row("E2E", sampler="dpmpp_2m", solver_steps=20),
+             Row("E2E", sampler="unipc", solver_steps=10), Row("E2E", sampler="ddpm", solver_steps=1000)]  # fmt: skip
+    short = [Row(k, sampler="dpmpp_2m") for k in ("KS", "KSD", "FS", "BS")]
+    tasks = [Task(c, r, 1) for c in main for r in full]
+    tasks += [Task(c, r, 1 if cuda else 2) for c in model_cases if c not in main for r in short]
+    if cuda:
+        big = Case("step-only", 8192)
+        tasks += [Task(big, Row(k, sampler=s), 1) for s in MULTISTEP_SAMPLERS for k in ("KS", "KSD")]
+    return tasks
 
 
 def filter_tasks(tasks: Sequence[Task], rows: Sequence[str] | None = None, *, no_compile: bool = False) -> list[Task]:

@@ -33,6 +33,7 @@ from .rows import (
     PNG_NAME,
     ROW_KINDS,
     SCHEMA,
+    SOLVER_ROWS,
     BenchConfig,
     Case,
     Row,
@@ -49,7 +50,7 @@ def _empty_row(task: Task, steps: int | None) -> dict[str, Any]:
         dtype=v.dtype, channels_last=v.channels_last, fused_norm=v.fused_norm, sdpa=v.sdpa,
         compile_unet=v.compile_unet or row.kind in COMPILE_ROWS,
         steps_per_graph=row.steps_per_graph if row.kind == "F3" else (1 if row.kind == "F2" else None),
-        description=ROW_KINDS[row.kind],
+        description=ROW_KINDS[row.kind], sampler=row.sampler or None,
     )  # fmt: skip
     return r
 
@@ -65,6 +66,7 @@ COMPILE_FACTOR = {"B1": 1.0, "B2": 1.5, "F1": 1.0, "F2": 1.2, "F3": 1.2}
 SETUP_ESTIMATE_S = {
     "B0a": 8.0, "B0b": 4.0, "F1": 4.0, "F2": 8.0, "F3": 8.0,  # model rows: case setup, first run, warm-up
     "COPY": 1.0, "MM": 2.0, "K0": 1.0, "K1": 3.0, "K2": 2.0, "KD": 2.0,  # kernel rows (K1: Triton JIT)
+    "KS": 3.0, "KSD": 2.0, "FS": 8.0, "BS": 8.0, "E2E": 10.0,  # solver rows (E2E: two probe calls)
 }  # fmt: skip
 
 
@@ -99,11 +101,16 @@ def measure_task(task: Task, ctx: CaseContext, cfg: BenchConfig, left_s: float |
             peak, note = mem.read()
             images = prepared.output()
             out["output_finite"] = None if images is None else bool(torch.isfinite(images).all())
-        units = prepared.inner if kernel else ctx.steps
+        steps = prepared.steps or ctx.steps
+        units = prepared.inner if kernel else steps
         med, p20, p80 = percentiles([1e3 * s / units for s in times])
         out.update(status="ok", reason="", backend=prepared.backend, ms_per_step_median=med, ms_per_step_p20=p20,
                    ms_per_step_p80=p80, repeats=len(times), peak_mem_mb=peak, mem_note=note,
-                   first_run_s=first, capture_s=prepared.capture_s)  # fmt: skip
+                   first_run_s=first, capture_s=prepared.capture_s, note=prepared.note or None)  # fmt: skip
+        if prepared.steps is not None:
+            out["steps"] = prepared.steps
+        if prepared.e2e_steps is not None:
+            out["e2e_s"] = med * prepared.e2e_steps / 1e3
         run_s = statistics_median(times)
         if prepared.compiled:
             out["compile_s"] = max(0.0, first - run_s)
@@ -116,7 +123,7 @@ def measure_task(task: Task, ctx: CaseContext, cfg: BenchConfig, left_s: float |
         else:
             sec_step = med / 1e3
             gflop = ctx.flops_per_image * ctx.batch / 1e9
-            out.update(images_per_s=ctx.batch / (sec_step * ctx.steps), proj_1000_steps_s=1000 * sec_step,
+            out.update(images_per_s=ctx.batch / (sec_step * steps), proj_1000_steps_s=1000 * sec_step,
                        proj_images_per_s_1000_steps=ctx.batch / (1000 * sec_step), gflop_per_step=gflop,
                        tflops=gflop / sec_step / 1e3)  # fmt: skip
     except Skip as e:
@@ -177,6 +184,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if not ok(r):
             continue
+        if r["row"] in SOLVER_ROWS:
+            _solver_ratios(r, [b for b in rows if ok(b) and (b["model"], b["batch"]) == (r["model"], r["batch"])])
+            if copy_gbps and r.get("gbps"):
+                r["frac_of_copy_bw"] = r["gbps"] / copy_gbps
+            continue
         if r["row"] in MODEL_ROWS:
             for kind in ("B0b", "B0a"):
                 b = base(kind, r)
@@ -193,6 +205,21 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 b = base(kind, r)
                 if b is not None:
                     r[f"speedup_vs_{kind}"] = b["ms_per_step_median"] / r["ms_per_step_median"]
+
+
+def _solver_ratios(r: dict[str, Any], same_case: list[dict[str, Any]]) -> None:
+    """``speedup_vs_diffusers``: KSD's (for KS) or BS's (for FS) ms/step over the row's, same sampler and steps;
+    ``speedup_vs_ddpm1000``: the (first) ``E2E ddpm S=1000`` row's ``e2e_s`` over an E2E row's."""
+    partner = {"KS": "KSD", "FS": "BS"}.get(r["row"])
+    for b in same_case:
+        if partner and b["row"] == partner and (b["sampler"], b["steps"]) == (r["sampler"], r["steps"]):
+            r["speedup_vs_diffusers"] = b["ms_per_step_median"] / r["ms_per_step_median"]
+            break
+    if r["row"] == "E2E" and r.get("e2e_s"):
+        for b in same_case:
+            if b["name"].split()[:3] == ["E2E", "ddpm", "S=1000"] and b.get("e2e_s"):  # any variant label
+                r["speedup_vs_ddpm1000"] = b["e2e_s"] / r["e2e_s"]
+                break
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -388,6 +415,8 @@ def _log_line(r: dict[str, Any], elapsed: float) -> str:
     head = f"[{elapsed:6.1f}s] {r['model']:>12s} b={r['batch']:<5d} {r['name']:<34s}"
     if r["status"] != "ok":
         return f"{head} {r['status'].upper()}: {r['reason']}"
+    if r["row"] == "E2E":
+        return f"{head} {r['e2e_s']:9.3f} s end to end ({r['ms_per_step_median']:.3f} ms/step)  [{r['note']}]"
     if r["row"] in KERNEL_ROWS:
         return (
             f"{head} {r['ms_per_step_median'] * 1e3:9.1f} us/call  {fmt_value(r['gbps'], '.4g')} GB/s  [{r['backend']}]"

@@ -59,7 +59,7 @@ def load_harness() -> ModuleType:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``fastddpm bench`` (also used by ``python benchmarks/harness``)."""
-    rows = "B0a,B0b,B1,B2,F1,F2,F3,COPY,MM,K0,K1,K2,KD"
+    rows = "B0a,B0b,B1,B2,F1,F2,F3,COPY,MM,K0,K1,K2,KD,KS,KSD,FS,BS,E2E"
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument(
         "--quick",
@@ -82,6 +82,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sampling steps per timed run (default 20 on GPU, 3 on CPU); 1000-step times are projected",
     )
+    p.add_argument(
+        "--solver-steps",
+        type=positive_int,
+        default=None,
+        help="steps S of the multistep-solver rows KS, KSD, FS, BS (default 10); E2E rows name their own",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (B1, B2, +compile)")
     p.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend of those rows (default inductor)"
@@ -99,7 +105,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernel-backends",
         default=None,
-        help="fused backends of the K1 rows, comma separated (default: triton,cuda on GPU; cpu on CPU)",
+        help="fused backends of the K1 and KS rows, comma separated (default: triton,cuda on GPU; cpu on CPU)",
     )
     p.add_argument("--out", default=None, help="output folder for bench.json, bench.csv, bench.png "
                                                "(default bench-results/<device>-<date>)")  # fmt: skip
@@ -114,7 +120,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="time sampling: fastddpm vs diffusers, eager PyTorch and torch.compile (JSON, CSV, PNG)",
         description="Time DDPM sampling rows side by side on one model, batch and step count: diffusers "
         "DDPMPipeline (B0a), an eager loop (B0b), torch.compile (B1, B2) and fastddpm eager / CUDA-graph "
-        "sampling (F1-F3), plus the step kernel alone against the copy bandwidth. Writes bench.json, "
+        "sampling (F1-F3), plus the step kernel alone against the copy bandwidth; the multistep solvers' step "
+        "against diffusers' (KS, KSD), loop (FS, BS) and end to end against DDPM-1000 (E2E). Writes bench.json, "
         "bench.csv and bench.png. See benchmarks/README.md.",
     )
     add_bench_arguments(p)
