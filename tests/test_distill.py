@@ -10,6 +10,7 @@ import os
 import socket
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ import torch.multiprocessing as mp
 from test_training import assert_same_state, random_images, tiny_config
 from torch import nn
 
+import fastddpm
 from fastddpm import Schedule, UNet, ddim_step, q_sample, sample
 from fastddpm.cli.distill import add_parser, run
 from fastddpm.distill_math import (
@@ -366,3 +368,32 @@ def test_cli_distill_and_resume(tmp_path, capsys):
             run(_parse([*argv, "--out", str(tmp_path / "other"), *bad]))
     with pytest.raises(SystemExit):
         _parse(["distill", "--from-steps", "4"])  # --to-steps and --steps-per-round are required
+
+
+# ----------------------------------------------------------------------------- the bundled students
+@pytest.mark.parametrize("name, steps", [("digits-4step", 4), ("digits-1step", 1)])
+def test_bundled_students_sample_offline_with_no_other_flag(name, steps, tmp_path, capsys):
+    """``fastddpm sample --model digits-1step`` uses the student's sampling.json (DDIM, eta 0, trailing)."""
+    from fastddpm.cli import main
+
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--model", name, "--num-samples", "8", "--out", str(out), "--quiet"]) == 0
+    assert f"ddim, {steps} steps" in capsys.readouterr().out
+    images = np.load(out)["arr_0"]
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_one_step_student_beats_the_teachers_one_shot_x0():
+    """What distillation buys: one model evaluation of the student against one of its teacher."""
+    from fastddpm.quality.classifier import DigitsScorer
+    from fastddpm.registry import load_model
+
+    scorer = DigitsScorer()
+    teacher, t_sched, _ = load_model("digits", "cpu")
+    student, s_sched, _ = load_model("digits-1step", "cpu")
+    kw = dict(seed=3, progress=False, dtype="float32")
+    one_shot = scorer.score(fastddpm.sample(teacher, t_sched, 128, sampler="x0", **kw))
+    distilled = scorer.score(
+        fastddpm.sample(student, s_sched, 128, sampler="ddim", num_inference_steps=1, timestep_spacing="trailing", **kw)
+    )
+    assert distilled.fd < one_shot.fd / 3 and distilled.coverage > one_shot.coverage
