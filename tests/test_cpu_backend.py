@@ -6,8 +6,6 @@ from fastddpm.noise, the plain-torch Philox spec. The extension is compiled on f
 minute on two cores, then cached by torch).
 """
 
-import shutil
-
 import pytest
 import torch
 
@@ -26,14 +24,7 @@ VAR_MODES = [L.VAR_FIXED, L.VAR_LEARNED]
 NOISE_MODES = [L.NOISE_NONE, L.NOISE_TENSOR, L.NOISE_PHILOX]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _extension():
-    """Build the extension once; skip only where no C++ toolchain exists at all."""
-    ok, why = cpu.available()
-    if not ok:
-        if shutil.which(_build._cxx()) is None:
-            pytest.skip(why)
-        pytest.fail(f"the CPU extension did not build: {why}")
+pytestmark = pytest.mark.usefixtures("cpu_extension")  # tests/conftest.py: built once, on first use
 
 
 # --- inputs ---------------------------------------------------------------------------------------
