@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 # The Triton interpreter must be chosen before triton is first imported. On the CPU machine the
 # kernels run in it (on CPU tensors); with FASTDDPM_TEST_DEVICE=cuda (benchmarks/gpu_check.py) they
@@ -6,6 +8,8 @@ import os
 # the cuda and triton backends on CUDA tensors.
 TEST_DEVICE = os.environ.get("FASTDDPM_TEST_DEVICE", "cpu")
 os.environ.setdefault("TRITON_INTERPRET", "0" if TEST_DEVICE == "cuda" else "1")
+# dtype="auto" caches its per-machine choices; the suite neither reads a user's cache nor writes to it.
+os.environ["FASTDDPM_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastddpm-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -63,3 +67,18 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         f"{what}: {int(differ.sum())} of {a.numel()} elements differ, first at {differ.nonzero()[0].tolist()}: "
         f"{a[differ][0].item()!r} vs {b[differ][0].item()!r}"
     )
+
+
+@pytest.fixture(scope="session")
+def cpu_extension():
+    """The cpu backend's C++ extension, built on first use by a test that needs it, never at collection
+    (a module deselected with ``-k`` must not cost a build). Skips only where no C++ compiler exists at all;
+    a compiler that fails to build it fails the test."""
+    from fastddpm import _build
+    from fastddpm.backends import cpu
+
+    ok, why = cpu.available()
+    if not ok:
+        if shutil.which(_build._cxx()) is None:
+            pytest.skip(why)
+        pytest.fail(f"the CPU extension did not build: {why}")

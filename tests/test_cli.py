@@ -94,9 +94,15 @@ def test_grid_layout():
     np.testing.assert_array_equal(grid[1:33, 1:33, 0], arr[0].repeat(4, 0).repeat(4, 1)[..., 0])
 
 
-def test_compile_flag_compiles_the_unet_and_keeps_the_images(tmp_path):
+def test_compile_flag_compiles_the_unet_and_keeps_the_images(tmp_path, monkeypatch):
     """``--compile BACKEND`` wraps the U-Net in torch.compile (here a counting backend that runs the
-    traced graph as is, so the images must not change; inductor is what a user gets by default)."""
+    traced graph as is; inductor is what a user gets by default), and the images stay the same up to
+    float32 rounding.
+
+    Eager and compiled are two code paths: the eager U-Net runs the fused CPU GroupNorm on its
+    channels_last activations, the traced graph PyTorch's own ops, and PyTorch does not promise the
+    same float32 bits from the two (they held on one CPU and not on an AVX-512 EPYC). So the float
+    images are held to a bound and the uint8 files to what that bound allows."""
     import torch._dynamo
 
     calls = []
@@ -106,14 +112,30 @@ def test_compile_flag_compiles_the_unet_and_keeps_the_images(tmp_path):
         calls.append(len(example_inputs))
         return gm.forward
 
+    floats = []  # the [-1, 1] float images the CLI quantises, captured on their way to the file
+    real_save = images.save_samples
+    monkeypatch.setattr(images, "save_samples", lambda x, out: floats.append(x.clone()) or real_save(x, out))
     common = ["sample", "--num-samples", "5", "--steps", "3", "--batch-size", "3", "--seed", "4", "--quiet"]
     plain, compiled = tmp_path / "plain.npz", tmp_path / "compiled.npz"
     assert main([*common, "--out", str(plain)]) == 0
     torch._dynamo.reset()
     assert main([*common, "--out", str(compiled), "--compile", "fastddpm_test_counting"]) == 0
     torch._dynamo.reset()
-    assert len(calls) >= 2  # batches of 3 and 2: one graph each (dynamic=False)
-    np.testing.assert_array_equal(np.load(compiled)["arr_0"], np.load(plain)["arr_0"])
+    assert len(calls) >= 2  # batches of 3 and 2: one graph each (dynamic=False): the compiled path ran
+    # float32 rounding differences of one U-Net forward (~1e-7 relative), carried through 3 steps: measured
+    # <= 3e-6 with ATen's default/avx2/avx512 kernels and oneDNN at AVX2; 1e-4 leaves 30x for other CPUs and
+    # is still 1/78 of a uint8 level (2/255).
+    assert len(floats) == 2
+    diff = (floats[1] - floats[0]).abs()
+    assert float(diff.max()) <= 1e-4
+    # So a uint8 pixel can change only by one level, and only where its float value lies within the
+    # difference of a rounding boundary: a fraction 127.5 * mean|diff| of the pixels is expected to (<= 1.3 %
+    # at the bound; measured 0 or 1 of 320). 2 % is the "tiny fraction" allowed.
+    a, b = np.load(compiled)["arr_0"].astype(int), np.load(plain)["arr_0"].astype(int)
+    for arr, x in ((a, floats[1]), (b, floats[0])):
+        np.testing.assert_array_equal(arr, images.to_uint8_nhwc(x))  # each file holds its floats, rounded
+    assert a.shape == (5, 8, 8, 1) and np.abs(a - b).max() <= 1
+    assert (a != b).mean() <= 0.02
     args = __import__("fastddpm.cli", fromlist=["x"])
     p = args.argparse.ArgumentParser()
     sub = p.add_subparsers()

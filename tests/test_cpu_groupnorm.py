@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastddpm.backends import cpu
 from fastddpm.unet import UNet, _norm_act
 
-pytestmark = pytest.mark.skipif(not cpu.available("cpu")[0], reason=f"cpu backend: {cpu.available('cpu')[1]}")
+pytestmark = pytest.mark.usefixtures("cpu_extension")  # tests/conftest.py: built on first use, not at import
 
 
 def _reference(x, weight, bias, groups, eps, add, silu):

@@ -159,6 +159,8 @@ def test_noise_identity_and_batch_independence(backend):
     kw = dict(seed=123, stream=fastddpm.STREAM_STEP, device=DEVICE, backend=backend)
     full = fastddpm.randn(shape, t=_dev(t), **kw).cpu()
     ref = fastddpm.randn(shape, seed=123, t=t, stream=fastddpm.STREAM_STEP, backend="reference")
+    # Same Philox words; Box-Muller in each backend's own float32 transcendentals today. Issue 13 makes the
+    # noise bitwise identical across backends (torch.equal tests in their own file): tighten this with it.
     assert _err(full, ref.double()) < 1e-5
     part = fastddpm.randn((3, 3, 5, 7), sample_offset=2, t=_dev(t[2:5]), **kw).cpu()
     assert torch.equal(part, full[2:5])
