@@ -106,8 +106,10 @@ def test_seed_mode_same_images_for_any_batch_size_and_backend(unet, sampler):
     for name in ("reference", "triton"):
         if name == "triton" and not availability(name, "cpu")[0]:
             continue
+        # Same batches: every backend's noise and step are bitwise identical, so are the images.
+        assert torch.equal(fastddpm.sample(unet, schedule, 5, batch_size=5, backend=name, **kw), a), name
         other = fastddpm.sample(unet, schedule, 5, batch_size=3, backend=name, **kw)
-        torch.testing.assert_close(other, a, atol=1e-4, rtol=0)
+        torch.testing.assert_close(other, a, atol=1e-5, rtol=0)  # other batches: the U-Net's batch dependence
     assert (a - fastddpm.sample(unet, schedule, 5, **dict(kw, seed=10))).abs().max() > 0.1
 
 
