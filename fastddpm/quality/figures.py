@@ -136,8 +136,9 @@ def quality_vs_time(result: Any, path: Path) -> Path:
         for k, r in enumerate(r for r in rows if r["model"] != base):
             ax.plot([r[xkey]], [r["fd_digits"]], "D", ms=8, color="k", mfc="gold",
                     label="distilled students" if k == 0 else None)  # fmt: skip
-            ax.annotate(f"{r['model']}", (r[xkey], r["fd_digits"]), textcoords="offset points", xytext=(6, 4),
-                        fontsize=7)  # fmt: skip
+            # Labels alternate above and below their points: students sit close together at 1, 2, 4 steps.
+            ax.annotate(f"{r['model']}", (r[xkey], r["fd_digits"]), textcoords="offset points",
+                        xytext=(4, 7 if k % 2 == 0 else -13), fontsize=7)  # fmt: skip
         ax.axhspan(fd_ref - fd_std, fd_ref + fd_std, color="k", alpha=0.1, lw=0, label="real digits, mean +- 1 std")
         ax.axhline(fd_ref, color="k", lw=0.8, ls=":")
         ax.set_xscale("log")
