@@ -44,7 +44,7 @@ SHAPE = (3, 5, 7)
 
 
 # ----------------------------------------------------------------------------- samplers
-@pytest.mark.parametrize("spacing,steps", [("trailing", 1), ("trailing", 20), ("leading", 10), ("linspace", 7)])
+@pytest.mark.parametrize("spacing,steps", [("trailing", 1), ("trailing", None), ("leading", 1), ("linspace", None)])
 def test_x0_sampler_equals_single_step_formula(spacing, steps):
     schedule = Schedule()
     model = TinyEps(SHAPE[0])
@@ -53,7 +53,7 @@ def test_x0_sampler_equals_single_step_formula(spacing, steps):
                  shape=SHAPE, progress=False, backend="reference")  # fmt: skip
     assert len(model.calls) == 1, "the x0 sampler must evaluate the model exactly once"
     x_t, t = model.calls[0]
-    t_first = int(schedule.timesteps(steps, spacing)[0, 0])
+    t_first = schedule.num_train_timesteps - 1  # one evaluation from x_T at t = T - 1, whatever the spacing
     assert torch.equal(t, torch.full((n,), t_first, dtype=torch.int64))
     # x_T is the counter-based STREAM_INIT noise at t = T (so it does not depend on steps or sampler).
     x_T = fastddpm.randn(
@@ -65,6 +65,14 @@ def test_x0_sampler_equals_single_step_formula(spacing, steps):
     eps = model(x_T.double().float(), t).double()
     want = ((x_T.double() - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_x0_sampler_refuses_more_than_one_step():
+    from fastddpm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="num_inference_steps must be None or 1, got 20"):
+        sample(TinyEps(SHAPE[0]), Schedule(), 2, num_inference_steps=20, sampler="x0", shape=SHAPE, progress=False,
+               backend="reference")  # fmt: skip
 
 
 def _ddim_loop(model, schedule, x, steps, spacing, noises):
