@@ -169,7 +169,9 @@ def test_multistep_scheduler_config_warns_that_the_sampler_is_as_asked(model_cop
     main(_sample("--model", str(model_copy), "--out", str(tmp_path / "x.png")))
     err = capsys.readouterr().err
     assert f"warning: {model_copy / 'scheduler_config.json'} is a {cls} config" in err
-    assert "--sampler ddpm as asked" in err and "solver_order" in err
+    # No --sampler given: the sampler is the model's own default (its sampling.json), named in the warning.
+    default = json.loads((model_copy / "sampling.json").read_text()).get("sampler", "ddpm")
+    assert f"--sampler {default} as asked" in err and "solver_order" in err
 
 
 def test_unipc_config_samples(model_copy, tmp_path, capsys):
@@ -182,8 +184,13 @@ def test_unipc_config_samples(model_copy, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "flag", "match"),
     [
-        (["--eta", "0.5"], "--eta", "has no effect with sampler 'ddpm'"),
-        (["--use-clipped-model-output"], "--use-clipped-model-output", "has no effect with sampler 'ddpm'"),
+        (["--sampler", "ddpm", "--eta", "0.5"], "--eta", "has no effect with sampler 'ddpm'"),
+        (["--eta", "0.5"], "--eta", "has no effect with sampler 'dpmpp_2m_sde'"),  # the bundled model's default
+        (
+            ["--sampler", "ddpm", "--use-clipped-model-output"],
+            "--use-clipped-model-output",
+            "has no effect with sampler 'ddpm'",
+        ),
         (["--sampler", "x0", "--steps", "10"], "--steps", "one model evaluation"),
         (["--sampler", "x0", "--eta", "0.2"], "--eta", "has no effect with sampler 'x0'"),
         (["--seed", "-1"], "--seed", r"in [0, 2**64)"),

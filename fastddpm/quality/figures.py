@@ -15,7 +15,10 @@ import torch
 
 from .labels import SAMPLER_ORDER, sampler_label
 
-COLORS = {"x0": "#d62728", "ddpm": "#1f77b4", "ddim": "#ff7f0e", "ddim-noclip": "#2ca02c"}
+COLORS = {
+    "x0": "#d62728", "ddpm": "#1f77b4", "ddim": "#ff7f0e", "ddim-noclip": "#2ca02c", "dpmpp_2m": "#9467bd",
+    "dpmpp_3m": "#8c564b", "dpmpp_2m_sde": "#e377c2", "unipc": "#17becf",
+}  # fmt: skip
 DPI = 90
 
 
@@ -40,9 +43,10 @@ def _series(rows: list[dict[str, Any]], dataset: str, model: str | None, sampler
 
 def metrics_vs_steps(result: Any, path: Path) -> Path:
     """Panels of every metric (and the time per image) against the number of steps, one line per sampler."""
-    rows = result.rows
+    base = result.config["model"]
+    rows = [r for r in result.rows if r["dataset"] != "digits" or r["model"] == base]  # no extra models here
     panels = []
-    if any(r["dataset"] == "digits" for r in result.rows):
+    if any(r["dataset"] == "digits" for r in rows):
         ref = result.references["digits"]
         fd_ref, fd_std = ref["fd_train_vs_heldout"], ref.get("fd_train_vs_heldout_std")
         panels += [
@@ -65,7 +69,7 @@ def metrics_vs_steps(result: Any, path: Path) -> Path:
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     steps = sorted({r["steps"] for r in rows})
     for ax, (dataset, model, key, title, ref_value, yscale, ref_std) in zip(axes, panels):
-        for sampler in ("ddpm", "ddim", "ddim-noclip", "x0"):
+        for sampler in (*SAMPLER_ORDER[1:], "x0"):
             eta = next((r["eta"] for r in rows if r["sampler"] == sampler), "")
             x, y = _series(rows, dataset, model, sampler, key)
             if not x:
@@ -106,6 +110,58 @@ def metrics_vs_steps(result: Any, path: Path) -> Path:
             handles.setdefault(lab, h)
     labels = list(handles)
     fig.legend([handles[k] for k in labels], labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    return _save(fig, path)
+
+
+def quality_vs_time(result: Any, path: Path) -> Path:
+    """FD-digits against wall time per image (left) and against model evaluations (right): one curve per
+    sampler of the main model, the extra models (students) as labelled points, the real-data band in grey."""
+    base = result.config["model"]
+    rows = [r for r in result.rows if r["dataset"] == "digits"]
+    ref = result.references["digits"]
+    fd_ref, fd_std = ref["fd_train_vs_heldout"], ref["fd_train_vs_heldout_std"]
+    fig = _figure(11.0, 4.6)
+    axes = fig.subplots(1, 2)
+    for ax, xkey, xlabel in zip(axes, ("ms_per_image", "steps"), ("wall time per image (ms)", "model evaluations")):
+        for sampler in (*SAMPLER_ORDER[1:], "x0"):
+            pts = sorted((r["steps"], r[xkey], r["fd_digits"], r["eta"]) for r in rows
+                         if r["model"] == base and r["sampler"] == sampler)  # fmt: skip
+            if not pts:
+                continue
+            label = sampler_label(sampler, pts[0][3])
+            if sampler == "x0":
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], "*", ms=13, color=COLORS["x0"], label=label)
+                continue
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", ms=3.5, lw=1.2, color=COLORS[sampler], label=label)
+        for k, r in enumerate(r for r in rows if r["model"] != base):
+            ax.plot([r[xkey]], [r["fd_digits"]], "D", ms=8, color="k", mfc="gold",
+                    label="distilled students" if k == 0 else None)  # fmt: skip
+            # Labels alternate above and below their points: students sit close together at 1, 2, 4 steps.
+            ax.annotate(f"{r['model']}", (r[xkey], r["fd_digits"]), textcoords="offset points",
+                        xytext=(4, 7 if k % 2 == 0 else -13), fontsize=7)  # fmt: skip
+        ax.axhspan(fd_ref - fd_std, fd_ref + fd_std, color="k", alpha=0.1, lw=0, label="real digits, mean +- 1 std")
+        ax.axhline(fd_ref, color="k", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("FD-digits (lower is better)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.tick_params(labelsize=8)
+    axes[0].set_title(f"FD-digits against wall time ({rows[0]['num_samples']} images per setting)", fontsize=9)
+    axes[1].set_title("FD-digits against the number of model evaluations", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    return _save(fig, path)
+
+
+def student_grid(columns: list[tuple[str, torch.Tensor]], path: Path, n: int = 36) -> Path:
+    """Side-by-side tiles of the first ``n`` images of each (title, images ``[N, 1, H, W]``) column; the
+    columns come from the same seed, so tile ``i`` starts from the same ``x_T`` in every column."""
+    fig = _figure(2.3 * len(columns) + 0.2, 2.6)
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    nrow = math.isqrt(n)
+    for ax, (title, images) in zip(axes, columns):
+        _show(ax, _tile(images[:n], nrow), title)
     return _save(fig, path)
 
 
@@ -236,6 +292,14 @@ def write_figures(result: Any, digits: dict[str, Any] | None, toy: dict[str, Any
         real = digits_train_heldout()[2]
         paths.append(digit_grids(digits["samples"], real, eta, folder / "digits_grids.png"))
         paths.append(x0_strip(*digits["trajectory"], folder / "x0_trajectory.png"))
+        paths.append(quality_vs_time(result, folder / "quality_vs_time.png"))
+        samples, ddpm = digits["samples"], [k for k in digits["samples"] if k[0] == "ddpm"]
+        if digits["students"] and ("x0", 1) in samples and ddpm:
+            last = max(ddpm, key=lambda k: k[1])
+            cols = [("teacher, x0 one shot", samples[("x0", 1)])]
+            cols += [(f"{name}", images) for name, images in digits["students"].items()]
+            cols.append((f"teacher, DDPM {last[1]} steps", samples[last]))
+            paths.append(student_grid(cols, folder / "students_vs_teacher.png"))
     if toy is not None:
         paths.append(toy_scatter(toy["points"], toy["truth"], toy["mixture"], eta, folder / "toy_scatter.png"))
     return paths

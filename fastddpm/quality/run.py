@@ -1,7 +1,8 @@
 """The ``fastddpm quality`` pipeline: sample quality and cost against the number of steps, per sampler.
 
 For every sampler (``x0`` one shot, ``ddpm`` ancestral, ``ddim`` with ``eta`` on the model's schedule,
-``ddim-noclip`` the same without x0 clipping) and step count it samples
+``ddim-noclip`` the same without x0 clipping, and the multistep solvers ``dpmpp_2m``, ``dpmpp_3m``,
+``dpmpp_2m_sde``, ``unipc`` at their own, smaller step counts) and step count it samples
 
 * the digits model and scores the images with the shipped digits classifier (FD-digits, confidence,
   class coverage), against the digits held out from the classifier's training;
@@ -10,7 +11,9 @@ For every sampler (``x0`` one shot, ``ddpm`` ancestral, ``ddim`` with ``eta`` on
 
 times each setting, and writes ``results.csv``, ``results.json``, ``figures/*.png`` (metrics against
 steps, digit grids, the predicted-x0 strip along one trajectory, toy scatter plots) and
-``grids/digits_<sampler>_<steps>.png`` under the output folder.
+``grids/digits_<sampler>_<steps>.png`` under the output folder. Extra digits models (distilled students) are
+sampled once each with the sampler, step count, eta and spacing of their own ``sampling.json``; their rows
+carry the model's name.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from .. import _layout as L
 from ..schedule import Schedule
 from .classifier import DigitsScorer, classifier_info, digits_train_heldout
-from .labels import SAMPLER_ORDER, sampler_label
+from .labels import MULTISTEP_SAMPLERS, SAMPLER_ORDER, sampler_label
 from .metrics import sliced_wasserstein
 from .toy import (
     TOY_SHAPE,
@@ -44,6 +47,7 @@ from .toy import (
 )
 
 DEFAULT_STEPS = (1, 2, 5, 10, 20, 50, 100, 250, 1000)
+DEFAULT_SOLVER_STEPS = (1, 2, 3, 5, 8, 10, 15, 20, 50)
 DEFAULT_TRAJECTORY_T = (999, 900, 700, 500, 300, 100, 0)
 DDIM_SAMPLERS = ("ddim", "ddim-noclip")
 REAL_FD_DRAWS = 10
@@ -59,14 +63,20 @@ class QualityConfig:
 
     ``samplers`` come from :data:`SAMPLER_ORDER`: ``ddim`` follows the model's schedule (x0 clipped when its
     ``clip_sample`` is set, as diffusers' ``DDIMScheduler``), ``ddim-noclip`` turns the clipping off (the DDIM
-    paper's sampler). ``steps`` are numbers of model evaluations; ``x0`` always takes one. ``spacing``
-    is the timestep spacing of the respaced schedules ("trailing" starts every schedule at t = T - 1, so
-    one step starts from pure noise). ``batch_size`` caps the images per batch.
+    paper's sampler); the multistep solvers (:data:`MULTISTEP_SAMPLERS`) use the schedule as diffusers'
+    multistep schedulers do (no ``clip_sample``). ``steps`` are numbers of model evaluations of ``ddpm`` and
+    the DDIMs, ``solver_steps`` those of the multistep solvers; ``x0`` always takes one. ``spacing`` is the
+    timestep spacing of the respaced schedules ("trailing" starts every schedule at t = T - 1, so one step
+    starts from pure noise). ``extra_models`` are more digits models (bundled names or checkpoint dirs, e.g.
+    distilled students), each sampled once with its ``sampling.json`` settings. ``batch_size`` caps the
+    images per batch.
     """
 
     model: str = "digits"
     steps: tuple[int, ...] = DEFAULT_STEPS
     samplers: tuple[str, ...] = SAMPLER_ORDER
+    solver_steps: tuple[int, ...] = DEFAULT_SOLVER_STEPS
+    extra_models: tuple[str, ...] = ()
     eta: float = 0.0
     spacing: str = "trailing"
     num_samples: int = 256
@@ -92,6 +102,10 @@ class QualityConfig:
             raise ValueError(f"unknown samplers {bad}; allowed: {', '.join(SAMPLER_ORDER)}")
         if not self.steps or any(int(s) < 1 for s in self.steps):
             raise ValueError(f"steps must be positive integers, got {self.steps}")
+        if not self.solver_steps or any(int(s) < 1 for s in self.solver_steps):
+            raise ValueError(f"solver_steps must be positive integers, got {self.solver_steps}")
+        if self.extra_models and not self.digits:
+            raise ValueError("extra_models are digits models: they need the digits part (digits=True)")
         if self.num_samples < 2 or self.toy_samples < 2:
             raise ValueError("num_samples and toy_samples must be >= 2 (metrics need a covariance / a spread)")
         if not math.isfinite(self.eta) or self.eta < 0:
@@ -103,8 +117,9 @@ class QualityConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> QualityConfig:
-        """The CI preset: 3 step counts, 64 digits, 500 toy points, no exact-denoiser sweep, a 20-step strip."""
-        base = dict(steps=(1, 10, 50), num_samples=64, toy_samples=500, toy_exact=False, trajectory_steps=20,
+        """The CI preset: 3 step counts (5 and 10 for the solvers), 64 digits, 500 toy points, no exact-denoiser
+        sweep, a 20-step strip."""
+        base = dict(steps=(1, 10, 50), solver_steps=(5, 10), num_samples=64, toy_samples=500, toy_exact=False, trajectory_steps=20,
                     trajectory_images=3, grid_images=16)  # fmt: skip
         base.update(overrides)
         return cls(**base)
@@ -127,7 +142,10 @@ def _settings(config: QualityConfig) -> list[tuple[str, int]]:
     for s in SAMPLER_ORDER:
         if s not in config.samplers:
             continue
-        out += [("x0", 1)] if s == "x0" else [(s, int(n)) for n in config.steps]
+        if s == "x0":
+            out.append(("x0", 1))
+        else:
+            out += [(s, int(n)) for n in (config.solver_steps if s in MULTISTEP_SAMPLERS else config.steps)]
     return out
 
 
@@ -136,16 +154,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_sample(model, schedule, n, sampler, steps, config, device, shape=None) -> tuple[torch.Tensor, float]:
+def _timed_sample(
+    model, schedule, n, sampler, steps, config, device, shape=None, eta=None, spacing=None
+) -> tuple[torch.Tensor, float]:
+    """``fastddpm.sample`` of ``n`` images and its wall time; ``eta`` / ``spacing`` override the config's."""
     from ..sampling import sample
 
     if sampler == "ddim-noclip":
         schedule, sampler = dataclasses.replace(schedule, clip_sample=False, thresholding=False), "ddim"
+    if eta is None:
+        eta = config.eta if sampler in DDIM_SAMPLERS else 0.0
     _sync(device)
     t0 = time.perf_counter()
     out = sample(
-        model, schedule, n, num_inference_steps=steps, sampler=sampler, eta=config.eta if sampler in DDIM_SAMPLERS else 0.0,
-        timestep_spacing=config.spacing, batch_size=min(config.batch_size, n), seed=config.seed, device=device,
+        model, schedule, n, num_inference_steps=steps, sampler=sampler, eta=eta,
+        timestep_spacing=spacing or config.spacing, batch_size=min(config.batch_size, n), seed=config.seed, device=device,
         progress=config.progress, shape=shape, backend=config.backend,
     )  # fmt: skip
     _sync(device)
@@ -265,13 +288,60 @@ def _run_digits(config: QualityConfig, device: torch.device, out: Path, result: 
             seconds=secs, ms_per_image=1000 * secs / config.num_samples, fd_digits=s.fd, confidence=s.confidence,
             coverage=s.coverage,
         ))  # fmt: skip
+    students = _run_extra_models(config, device, out, result, scorer)
     _log(config, "digits: predicted-x0 trajectory")
     ts, xts, x0s, _ = predicted_x0_trajectory(
         model, schedule, config.trajectory_images, record_timesteps=config.trajectory_timesteps,
         num_inference_steps=config.trajectory_steps, spacing=config.spacing, seed=config.seed, device=device,
         backend=config.backend,
     )  # fmt: skip
-    return {"samples": samples, "trajectory": (ts, xts, x0s)}
+    return {"samples": samples, "trajectory": (ts, xts, x0s), "students": students}
+
+
+def model_label(name_or_path: str) -> str:
+    """Short name of a digits model for tables: a bundled name as is, a checkpoint dir by its folder name."""
+    return Path(str(name_or_path).rstrip("/\\")).name or str(name_or_path)
+
+
+def _run_extra_models(config, device, out: Path, result: QualityResult, scorer) -> dict[str, torch.Tensor]:
+    """Sample each extra digits model with its own ``sampling.json`` settings; one row each."""
+    from ..images import save_samples
+    from ..registry import load_model, sampling_defaults
+    from ..sampling import infer_shape
+
+    images_by_model: dict[str, torch.Tensor] = {}
+    for name in config.extra_models:
+        model, schedule, desc = load_model(name, device)
+        if infer_shape(model, None) != (1, 8, 8):
+            raise ValueError(f"extra model {name!r} ({desc}) does not make 8x8 one-channel images")
+        d = sampling_defaults(name)
+        sampler = d.get("sampler", "ddpm")
+        steps = 1 if sampler == "x0" else d.get("num_inference_steps", schedule.num_train_timesteps)
+        eta = d.get("eta", 0.0) if sampler == "ddim" else 0.0
+        label = model_label(name)
+        result.environment.setdefault("extra_models", {})[label] = {"description": desc, "sampling": d}
+        _log(config, f"digits: {label} ({sampler} {steps} steps, from its sampling.json), {config.num_samples} images")
+        images, secs = _timed_sample(
+            model,
+            schedule,
+            config.num_samples,
+            sampler,
+            steps,
+            config,
+            device,
+            eta=eta,
+            spacing=d.get("timestep_spacing"),
+        )
+        s = scorer.score(images)
+        images_by_model[label] = images[: config.grid_images].cpu()
+        path = save_samples(images[: config.grid_images], out / "grids" / f"digits_{label}_{sampler}_{steps}.png")
+        result.files.append(str(path.relative_to(out)))
+        result.rows.append(dict(
+            dataset="digits", model=label, sampler=sampler, eta=eta if sampler == "ddim" else "", steps=steps,
+            num_samples=config.num_samples, batch_size=min(config.batch_size, config.num_samples), seconds=secs,
+            ms_per_image=1000 * secs / config.num_samples, fd_digits=s.fd, confidence=s.confidence, coverage=s.coverage,
+        ))  # fmt: skip
+    return images_by_model
 
 
 def _run_toy(config: QualityConfig, device: torch.device, result: QualityResult) -> dict[str, Any]:
@@ -362,12 +432,14 @@ def format_table(result: QualityResult) -> str:
     lines = []
     digits = [r for r in result.rows if r["dataset"] == "digits"]
     if digits:
+        base = result.config["model"]
         lines += [
             "| sampler | steps | FD-digits | confidence | coverage (nats) | ms / image |",
             "|---|---|---|---|---|---|",
         ]
         for r in digits:
             name = sampler_label(r["sampler"], r["eta"])
+            name = name if r["model"] == base else f"{r['model']} ({name})"
             lines.append(f"| {name} | {r['steps']} | {r['fd_digits']:.2f} | {r['confidence']:.3f} | "
                          f"{r['coverage']:.3f} | {r['ms_per_image']:.2f} |")  # fmt: skip
         ref = result.references.get("digits")
