@@ -183,7 +183,11 @@ def resolve_auto_dtype(
         example = example.contiguous(memory_format=torch.channels_last)
     choice = resolve_dtype("auto", model, example)
     name = str(choice.dtype).removeprefix("torch.")
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         box = [name]
         torch.distributed.broadcast_object_list(box, src=0)
         name = box[0]

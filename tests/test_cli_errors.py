@@ -256,3 +256,23 @@ def test_train_interrupt_says_what_was_written(tmp_path, capsys, monkeypatch):
     time.sleep(0.01)
     assert main(["train", "--device", "cpu", "--out", str(out), "--resume", "--no-progress"]) == 130
     assert "holds the checkpoint this run resumed from, unchanged" in _err(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, sampler, steps, spacing",
+    [
+        ([], "dpmpp_2m_sde", 15, "trailing"),  # the bundled model's sampling.json
+        (["--sampler", "ddpm"], "ddpm", None, None),  # another sampler: the full chain, not the file's 15
+        (["--sampler", "ddim", "--steps", "50"], "ddim", 50, None),
+        (["--steps", "7"], "dpmpp_2m_sde", 7, "trailing"),
+        (["--model", "digits-1step"], "ddim", 1, "trailing"),  # a student names its own sampler
+        (["--sampler", "x0"], "x0", None, None),
+    ],
+)
+def test_unset_flags_come_from_the_models_sampling_json(argv, sampler, steps, spacing):
+    from fastddpm.cli import build_parser
+    from fastddpm.cli.sample import apply_model_defaults
+
+    args = build_parser().parse_args(["sample", *argv])
+    got_steps = apply_model_defaults(args)
+    assert (args.sampler, got_steps, args.spacing) == (sampler, steps, spacing)

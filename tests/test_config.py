@@ -145,7 +145,7 @@ def test_normalisation():
     assert SamplingConfig(dtype="float32").autocast_dtype is None
     assert SamplingConfig().dtype == "auto"  # resolved per model and device by sampling.resolve_auto_dtype
     with pytest.raises(ValueError, match="resolve_auto_dtype"):
-        SamplingConfig().torch_dtype
+        _ = SamplingConfig().torch_dtype
     assert SamplingConfig(seed=np.uint64(2**64 - 1)).seed == 2**64 - 1  # numpy ints are ints
     assert SamplingConfig(shape=[1, np.int64(8), 8]).shape == (1, 8, 8)
     assert SamplingConfig(sampler="x0", num_inference_steps=1).num_inference_steps == 1

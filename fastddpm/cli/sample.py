@@ -41,8 +41,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-samples", type=positive_int, default=64, help="number of images (default 64)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="inference steps (default: the model's sampling.json if it has one -- 250 for digits -- else "
-                        "all training steps; x0 is always one model evaluation)")  # fmt: skip
+                   help="inference steps (default: the model's sampling.json when --sampler is its sampler -- 15 "
+                        "dpmpp_2m_sde steps for digits -- else all training steps; x0 is one model evaluation)")  # fmt: skip
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="sampler (default: the model's sampling.json, else ddpm); dpmpp_2m, dpmpp_3m, dpmpp_2m_sde "
                         "and unipc are the few-step multistep solvers")  # fmt: skip
@@ -126,7 +126,12 @@ def apply_model_defaults(args: argparse.Namespace) -> int | None:
             args.spacing = defaults.get("timestep_spacing")
     if args.sampler == "x0":
         return args.steps
-    return args.steps if args.steps is not None else defaults.get("num_inference_steps")
+    if args.steps is not None:
+        return args.steps
+    # The file's step count goes with its sampler: `--sampler ddpm` alone is the full chain, not 15 DDPM steps.
+    if args.sampler == defaults.get("sampler", args.sampler):
+        return defaults.get("num_inference_steps")
+    return None
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -160,7 +165,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def _summary(schedule: Any, config: SamplingConfig) -> str:
-    """``"ddpm, 250 steps"``; for x0 the one timestep it predicts from."""
+    """``"ddpm, 250 steps, float32"``; for x0 the one timestep it predicts from."""
     from ..sampling import plan_for
 
     if config.sampler == "x0":
