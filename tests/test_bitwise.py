@@ -277,7 +277,7 @@ sys.path[:0] = [sys.argv[1]]
 import triton_aot
 report = {}
 for name, go, *_ in triton_aot._variants():
-    if not name.startswith(("step/", "q_sample/", "randn/")):
+    if not name.startswith(("step/", "q_sample/", "randn/", "multistep/")):
         continue
     with triton_aot.CompileOnly(90) as ctx:
         go()

@@ -219,6 +219,30 @@ def _variants() -> list[tuple[str, Callable[[], None], dict]]:
             ("randn/bf16/init", randn(bf16, L.STREAM_INIT)),
         ]
     ]
+    def multistep(dtype, clip, noise, x0_only=False):
+        def go():
+            x = torch.randn(B, N)
+            m = torch.randn(B, N).to(dtype)
+            xp, hist = torch.randn(B, N), torch.randn(L.MS_HIST, B, N)
+            z = torch.randn(B, N) if noise == L.NOISE_TENSOR else None
+            x0 = torch.empty(B, N) if x0_only else None
+            coef = torch.rand(8, L.NMS)
+            tval = torch.arange(8, dtype=torch.int64)
+            step = torch.tensor([3], dtype=torch.int64)
+            thresh = torch.ones(B) if clip == L.CLIP_THRESHOLD else None
+            rng = torch.tensor([1, 0], dtype=torch.int64)
+            tb.multistep(x, m, None if x0_only else xp, None if x0_only else hist, z, x0, coef, tval, step, thresh,
+                         rng, clip_mode=clip, clip_range=1.0, noise_mode=noise, x0_only=x0_only)  # fmt: skip
+
+        return go
+
+    # The few-step solvers' fused step (DPM-Solver++ / UniPC): SDE noise in the kernel, thresholding, x0 pass.
+    out += [
+        ("multistep/fp32/none/philox", multistep(f32, L.CLIP_NONE, L.NOISE_PHILOX), {}),
+        ("multistep/bf16/threshold/none", multistep(bf16, L.CLIP_THRESHOLD, L.NOISE_NONE), {}),
+        ("multistep/fp16/range/tensor", multistep(f16, L.CLIP_RANGE, L.NOISE_TENSOR), {}),
+        ("multistep/fp32/x0_only", multistep(f32, L.CLIP_RANGE, L.NOISE_NONE, x0_only=True), {}),
+    ]
     # The U-Net's GroupNorms: one-tile shapes (32x32 and smaller) and, from 64x64 up (any 64x64 or larger
     # model), the two-sweep path; both layouts and every dtype.
     for name, args in [
