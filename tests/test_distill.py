@@ -363,8 +363,11 @@ def test_cli_distill_and_resume(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "round 2: 2 -> 1 steps" in printed and "--steps 1" in printed
     assert (out / round_dir_name(2, 1) / "model.safetensors").is_file()
-    for bad, match in ((["--to-steps", "3"], "2\\*\\*k"), (["--teacher", str(tmp_path / "nope")], "unknown model")):
-        with pytest.raises(ValueError, match=match):
+    for bad, match in (
+        (["--to-steps", "3"], "2\\*\\*k"),
+        (["--teacher", str(tmp_path / "nope")], "nope' does not exist"),
+    ):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
             run(_parse([*argv, "--out", str(tmp_path / "other"), *bad]))
     with pytest.raises(SystemExit):
         _parse(["distill", "--from-steps", "4"])  # --to-steps and --steps-per-round are required

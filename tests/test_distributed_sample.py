@@ -210,8 +210,9 @@ def test_torchrun_cli_manifest_records_config_and_checksums(torchrun_cli):
     manifest = json.loads(folder.manifest_path.read_text())
     cfg = manifest["config"]
     assert (cfg["num_samples"], cfg["shard_size"]) == (7, 3)
-    want = fastddpm.SamplingConfig(num_inference_steps=STEPS, batch_size=3, shape=(1, 8, 8))
-    assert fastddpm.SamplingConfig.from_dict(cfg["sampling"]) == want  # recorded whole
+    # recorded whole, with dtype="auto" resolved to the dtype used (the small bundled model: float32)
+    want = fastddpm.SamplingConfig(num_inference_steps=STEPS, batch_size=3, shape=(1, 8, 8), dtype="float32")
+    assert fastddpm.SamplingConfig.from_dict(cfg["sampling"]) == want
     assert manifest["info"]["world_size"] == 2
     assert manifest["output"]["sha256"] == hashlib.sha256(_npz(out).tobytes()).hexdigest()
     for k, (s, e) in enumerate(shard_ranges(7, 3)):

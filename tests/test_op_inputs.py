@@ -203,7 +203,7 @@ def test_trajectory_reset_uses_the_same_seed_rule():
     for bad in (-1, 2**64):
         with pytest.raises(ValueError, match=r"seed=.* out of range \[0, 2\*\*64\)"):
             traj.reset(x, bad, 0)
-    with pytest.raises(ValueError, match=r"seed=-1 is out of range"):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got -1"):
         fastddpm.sample(lambda x, t: torch.zeros_like(x), s, 1, num_inference_steps=2, shape=(1, 2, 2),
                         seed=-1, progress=False, device="cpu", backend="reference")  # fmt: skip
 

@@ -219,6 +219,7 @@ def _variants() -> list[tuple[str, Callable[[], None], dict]]:
             ("randn/bf16/init", randn(bf16, L.STREAM_INIT)),
         ]
     ]
+
     def multistep(dtype, clip, noise, x0_only=False):
         def go():
             x = torch.randn(B, N)
