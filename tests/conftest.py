@@ -1,3 +1,4 @@
+import functools
 import os
 import shutil
 import tempfile
@@ -82,3 +83,23 @@ def cpu_extension():
         if shutil.which(_build._cxx()) is None:
             pytest.skip(why)
         pytest.fail(f"the CPU extension did not build: {why}")
+
+
+@functools.cache
+def backend_devices() -> dict[str, str]:
+    """Each fused backend that runs here and the device its tensors go to (the reference and Triton on the
+    test device, cpu on the CPU, cuda on CUDA). Call it at test time, never at collection: asking the cpu
+    backend builds its C++ extension."""
+    from fastddpm.backends import cpu as cpu_backend
+    from fastddpm.backends import cuda as cuda_backend
+    from fastddpm.backends import triton as triton_backend
+
+    fused = "cuda" if TEST_DEVICE == "cuda" else "cpu"
+    out = {"reference": fused}
+    if cpu_backend.available()[0]:
+        out["cpu"] = "cpu"
+    if triton_backend.available(fused)[0]:
+        out["triton"] = fused
+    if torch.cuda.is_available() and cuda_backend.available()[0]:
+        out["cuda"] = "cuda"
+    return out

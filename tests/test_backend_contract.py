@@ -11,20 +11,16 @@ that the backends agree with one another bit for bit.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, assert_within_torch_error
+from conftest import assert_within_torch_error, backend_devices
 
 import fastddpm
 from fastddpm import Schedule, reference
 from fastddpm import _layout as L
 from fastddpm import noise as nz
-from fastddpm.backends import cpu as cpu_backend
-from fastddpm.backends import cuda as cuda_backend
-from fastddpm.backends import triton as triton_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPE = (5, 3, 9, 7)  # 189 elements per sample: odd
@@ -38,23 +34,10 @@ ALL_BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
 def _device_or_skip(backend: str) -> str:
-    dev = _backends().get(backend)
+    dev = backend_devices().get(backend)
     if dev is None:
         pytest.skip(f"the {backend} backend cannot run here")
     return dev
-
-
-@functools.cache
-def _backends() -> dict[str, str]:
-    fused = "cuda" if TEST_DEVICE == "cuda" else "cpu"
-    out = {"reference": fused}
-    if cpu_backend.available()[0]:
-        out["cpu"] = "cpu"
-    if triton_backend.available(fused)[0]:
-        out["triton"] = fused
-    if torch.cuda.is_available() and cuda_backend.available()[0]:
-        out["cuda"] = "cuda"
-    return out
 
 
 # --- the cases: each returns [(fused, float64 reference, plain float32 torch)] ------------------------

@@ -14,7 +14,6 @@ before (0 * inf in unused terms, torch's float32 sqrt).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import subprocess
@@ -23,15 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, assert_same_bits
+from conftest import assert_same_bits, backend_devices
 
 import fastddpm
 from fastddpm import Schedule
 from fastddpm import _layout as L
 from fastddpm import noise as nz
-from fastddpm.backends import cpu as cpu_backend
-from fastddpm.backends import cuda as cuda_backend
-from fastddpm.backends import triton as triton_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
@@ -43,28 +39,14 @@ T = torch.tensor([999, 613, 1, 0])  # t = 0: no noise is added (gate 0)
 PREV_T = torch.tensor([899, 400, 0, -1])  # skipped steps, as after set_timesteps
 
 
-@functools.cache
-def _backend_devices() -> dict[str, str]:
-    """Each runnable backend and the device its tensors go to."""
-    fused = "cuda" if TEST_DEVICE == "cuda" else "cpu"
-    out = {"reference": fused}
-    if cpu_backend.available()[0]:
-        out["cpu"] = "cpu"
-    if triton_backend.available(fused)[0]:
-        out["triton"] = fused
-    if torch.cuda.is_available() and cuda_backend.available()[0]:
-        out["cuda"] = "cuda"
-    return out
-
-
 def test_at_least_three_backends_are_compared():
-    assert {"reference", "cpu", "triton"} <= set(_backend_devices()), _backend_devices()
+    assert {"reference", "cpu", "triton"} <= set(backend_devices()), backend_devices()
 
 
 def _on_every_backend(fn, *tensors) -> dict[str, object]:
     """``fn(backend, *tensors_on_its_device)`` for every backend; outputs brought back to the CPU."""
     results = {}
-    for name, dev in _backend_devices().items():
+    for name, dev in backend_devices().items():
         moved = [t.to(dev) if isinstance(t, torch.Tensor) else t for t in tensors]
         out = fn(name, *moved)
         results[name] = tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
@@ -177,7 +159,7 @@ def test_ddpm_step_int_timesteps_are_the_same_bits_as_tensor_timesteps():
     """The cached int-timestep row and the per-sample table are the same float32 coefficients."""
     schedule = Schedule(clip_sample=True)
     x, m = torch.randn(SHAPE), torch.randn(SHAPE)
-    for be, dev in _backend_devices().items():
+    for be, dev in backend_devices().items():
         a = fastddpm.ddpm_step(m.to(dev), 500, x.to(dev), schedule, seed=1, backend=be)
         b = fastddpm.ddpm_step(m.to(dev), torch.full((SHAPE[0],), 500, device=dev), x.to(dev), schedule, seed=1,
                                backend=be)  # fmt: skip
@@ -258,7 +240,7 @@ def test_a_sample_has_the_same_bits_in_any_batch(dtype):
     """Sample g of a batch equals sample g computed alone (sample_offset = g), on every backend."""
     schedule = Schedule(thresholding=True, sample_max_value=2.0)
     x, m = torch.randn(SHAPE).to(dtype), torch.randn(SHAPE).to(dtype)
-    for be, dev in _backend_devices().items():
+    for be, dev in backend_devices().items():
         whole = fastddpm.ddpm_step(m.to(dev), T.to(dev), x.to(dev), schedule, prev_t=PREV_T.to(dev), seed=8,
                                    sample_offset=10, backend=be)  # fmt: skip
         for g in range(SHAPE[0]):

@@ -11,16 +11,9 @@ import sys
 import time
 from typing import Any
 
-from .._argtypes import nonneg_int, positive_int
+from .._argtypes import add_optimization_arguments, add_run_arguments, positive_int
 
 __all__ = ["add_parser", "run"]
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,23 +40,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="v_prediction",
         help="what the students predict (v: the paper's choice; epsilon cannot make good 1-step samples)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (over all ranks)")
-    p.add_argument("--lr", type=_float, default=1e-4, help="AdamW learning rate (warm-up, then linear decay per round)")
-    p.add_argument("--weight-decay", type=_float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup", type=nonneg_int, default=10, help="linear learning-rate warm-up steps of each round")
-    p.add_argument("--grad-clip", type=_float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=_float, default=0.999, help="EMA decay of the saved students")
-    p.add_argument("--image-size", type=positive_int, default=None, help="resize the data (default: model size)")
+    add_optimization_arguments(p, batch_size=64, lr=1e-4, lr_help="AdamW learning rate (warm-up, then linear decay per round)",
+                               warmup=10, warmup_help="linear learning-rate warm-up steps of each round",
+                               ema_help="EMA decay of the saved students")  # fmt: skip
     p.add_argument("--out", default="fastddpm-distill", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop after this many optimizer steps (state saved; continue with --resume)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, timesteps and noise")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--save-every", type=nonneg_int, default=500, help="state every N steps of a round (0: round ends)")
-    p.add_argument("--log-every", type=positive_int, default=50, help="steps between loss read-backs / log lines")
-    p.add_argument("--backend", default="auto", help="fused-op backend: auto, reference, cpu, cuda, triton")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(p, save_every=500, save_help="state every N steps of a round (0: round ends)")
     p.set_defaults(func=run)
     return p
 

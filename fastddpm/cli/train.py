@@ -13,17 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._argtypes import nonneg_int, positive_int
+from .._argtypes import add_optimization_arguments, add_run_arguments, positive_int
 from . import _checks
 
 __all__ = ["add_train_parser", "run_train"]
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,22 +39,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "over a same-named directory (write ./NAME for that)",
     )
     p.add_argument("--steps", type=positive_int, default=10000, help="total optimizer steps of the run")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (over all ranks)")
-    p.add_argument("--lr", type=_float, default=2e-4, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=_float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup", type=nonneg_int, default=100, help="linear learning-rate warm-up steps")
-    p.add_argument("--grad-clip", type=_float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=_float, default=0.999, help="EMA decay of the saved weights")
-    p.add_argument("--image-size", type=positive_int, default=None, help="resize the data (default: model size)")
+    add_optimization_arguments(p, batch_size=128, lr=2e-4, lr_help="AdamW learning rate", warmup=100,
+                               warmup_help="linear learning-rate warm-up steps", ema_help="EMA decay of the saved weights")  # fmt: skip
     p.add_argument("--flip", action="store_true", help="random horizontal flips (never for digits)")
     p.add_argument("--out", default="fastddpm-train", help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, timesteps and noise")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--save-every", type=nonneg_int, default=1000, help="checkpoint every N steps (0: end only)")
-    p.add_argument("--log-every", type=positive_int, default=50, help="steps between loss read-backs / log lines")
-    p.add_argument("--backend", default="auto", help="fused-op backend: auto, reference, cpu, cuda, triton")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(p, save_every=1000, save_help="checkpoint every N steps (0: end only)")
     p.set_defaults(func=run_train)
     return p
 
