@@ -47,7 +47,8 @@ class CaseContext:
     FLOPs, inputs. ``models`` caches loaded models by name across cases of a run."""
 
     def __init__(self, case: Case, cfg: BenchConfig, device: torch.device, models: dict[str, Any] | None = None):
-        from fastddpm.sampling import make_plan
+        from fastddpm.config import SamplingConfig
+        from fastddpm.sampling import plan_for
 
         self.case, self.cfg, self.device = case, cfg, device
         self.batch = case.batch
@@ -66,8 +67,12 @@ class CaseContext:
             self.model, self.schedule, self.description, self.chw, self.flops_per_image, self._variants = models[
                 case.model
             ]
-        self.plan = make_plan(self.schedule, "ddpm", min(cfg.steps, self.schedule.num_train_timesteps),
-                              "leading", 0.0, device)  # fmt: skip
+        # The run every model row times, as one SamplingConfig (the description sample() and the CLI use).
+        self.sampling = SamplingConfig(
+            sampler="ddpm", num_inference_steps=min(cfg.steps, self.schedule.num_train_timesteps),
+            timestep_spacing="leading", seed=cfg.seed, batch_size=self.batch, dtype="float32",
+        )  # fmt: skip
+        self.plan = plan_for(self.schedule, self.sampling, device)
         self.pairs = [(int(t), int(p)) for t, p in self.plan.pairs.tolist()]
         gen = torch.Generator().manual_seed(cfg.seed)
         self.x_init = torch.randn((self.batch, *self.chw), generator=gen).to(device)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .. import _layout as L
+from ..config import SamplingConfig
 from ..schedule import Schedule
 from .classifier import DigitsScorer, classifier_info, digits_train_heldout
 from .labels import MULTISTEP_SAMPLERS, SAMPLER_ORDER, sampler_label
@@ -164,13 +165,14 @@ def _timed_sample(
         schedule, sampler = dataclasses.replace(schedule, clip_sample=False, thresholding=False), "ddim"
     if eta is None:
         eta = config.eta if sampler in DDIM_SAMPLERS else 0.0
+    run = SamplingConfig(
+        num_inference_steps=None if sampler == "x0" else steps, sampler=sampler, eta=eta,
+        timestep_spacing=spacing or config.spacing, batch_size=min(config.batch_size, n), seed=config.seed,
+        shape=shape, backend=config.backend, dtype="float32",  # quality is measured on the model's own arithmetic
+    )  # fmt: skip
     _sync(device)
     t0 = time.perf_counter()
-    out = sample(
-        model, schedule, n, num_inference_steps=steps, sampler=sampler, eta=eta,
-        timestep_spacing=spacing or config.spacing, batch_size=min(config.batch_size, n), seed=config.seed, device=device,
-        progress=config.progress, shape=shape, backend=config.backend,
-    )  # fmt: skip
+    out = sample(model, schedule, n, device=device, progress=config.progress, config=run)
     _sync(device)
     return out, time.perf_counter() - t0
 
