@@ -147,11 +147,15 @@ def _torch_group_norm_silu(x, weight, bias, num_groups, eps, add, silu):
 
 
 def _kernel_can_run(x: torch.Tensor) -> bool:
-    if x.is_cuda:
-        return True
+    """CUDA tensors with a kernel compiled for the GPU, or CPU tensors with an interpreted one. A kernel
+    built under ``TRITON_INTERPRET=1`` is never launched on CUDA tensors: it would run in numpy on the host
+    (the same rule as the step backend's ``triton_compiles_for_cuda``)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return x.device.type == "cpu" and isinstance(_group_norm_silu_kernel, InterpretedFunction)
+    interpreted = isinstance(_group_norm_silu_kernel, InterpretedFunction)
+    if x.is_cuda:
+        return not interpreted
+    return x.device.type == "cpu" and interpreted
 
 
 def group_norm_silu(
