@@ -283,3 +283,19 @@ def test_cuda_auto_runs_triton_within_twice_pytorch(dtype, channels_last):
     assert y.dtype == dtype and y.stride() == x.stride()
     assert _max_err(y, ref) <= 2 * _max_err(plain, ref) + torch.finfo(dtype).eps * float(ref.abs().max())
     torch.library.opcheck(OP, (x, weight, bias, add, 8, 1e-6, True, "triton"))
+
+
+def test_interpreted_kernel_is_never_launched_on_cuda_tensors():
+    """Under TRITON_INTERPRET=1 (this suite) the GroupNorm kernel is interpreted: fine for CPU tensors, never
+    for CUDA ones, where it would run in numpy on the host (gpu_check clears the variable)."""
+    import types
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastddpm.kernels import groupnorm as gk
+
+    if not isinstance(gk._group_norm_silu_kernel, InterpretedFunction):
+        pytest.skip("Triton compiles for the GPU here")
+    fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    assert not gk._kernel_can_run(fake_cuda)
+    assert gk._kernel_can_run(torch.zeros(1))
