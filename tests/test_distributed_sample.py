@@ -254,6 +254,10 @@ DRIVER = textwrap.dedent(
                "--quiet", "--batch-size", "2", "--sampler", "ddim", "--use-clipped-model-output",
                "--out", str(work / "cli-clipped.npz")])
     assert rc == 0, rc
+    for sampler in ("dpmpp_2m_sde", "unipc"):  # the few-step solvers through the same shards
+        rc = main(["sample", "--model", model_dir, "--steps", str(steps), "--num-samples", "5", "--device", "cpu",
+                   "--quiet", "--batch-size", "2", "--sampler", sampler, "--out", str(work / f"cli-{sampler}.npz")])
+        assert rc == 0, rc
     assert dist.is_initialized()
     dist.barrier()
     dist.destroy_process_group()
@@ -294,6 +298,15 @@ def test_use_clipped_model_output_reaches_the_torchrun_path(torchrun_driver, mod
     _assert_same_bytes(_npz(torchrun_driver / "cli-clipped.npz"), _npz(with_flag))
     manifest = json.loads(ShardFolder(shard_folder(torchrun_driver / "cli-clipped.npz")).manifest_path.read_text())
     assert manifest["config"]["sampling"]["use_clipped_model_output"] is True
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc"])
+def test_few_step_solvers_under_torchrun_equal_one_process(torchrun_driver, model_dir, tmp_path, sampler):
+    """Seed mode of the multistep solvers (the SDE one with in-kernel noise) is independent of the world size:
+    2 ranks through shards give the bytes of one process."""
+    single = tmp_path / "single.npz"
+    assert main(_cli_args(model_dir, single, 5, 2, "--sampler", sampler)) == 0
+    _assert_same_bytes(_npz(torchrun_driver / f"cli-{sampler}.npz"), _npz(single))
 
 
 @pytest.mark.parametrize(("n", "batch"), [(1, None), (5, 2)])
