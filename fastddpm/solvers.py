@@ -43,11 +43,15 @@ Differences from diffusers, where diffusers fails:
   ``unipc`` with ``lower_order_final=False`` and a zero final sigma, repeated timesteps) the plan raises.
 * When the first timesteps repeat (e.g. Karras sigmas on the cosine schedule: 999, 999, ...), diffusers'
   ``index_for_timestep`` starts at step index 1 and fails at the end; the plan runs every step in order.
+* DPM-Solver with Karras sigmas on the cosine schedule truncates fractional timesteps (diffusers does not
+  round there); stock diffusers' float32 tables give 998.9999 -> 998 where float64 gives 999 -> 999, so
+  the model's timestep input can differ by one from stock diffusers in that one configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -153,7 +157,11 @@ def multistep_sigmas(
     T, n = schedule.num_train_timesteps, num_inference_steps
     _check_choice("timestep_spacing", timestep_spacing, SPACINGS)
     _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+    try:
+        n = operator.index(n)  # int, numpy or 0-dim torch integer
+    except TypeError:
+        n = None
+    if n is None or isinstance(num_inference_steps, bool) or not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {num_inference_steps!r}")
     # 1. timesteps (diffusers: lambda_min_clipped = -inf, so the last timestep is T).
     if timestep_spacing == "linspace":

@@ -105,13 +105,15 @@ def _toy_model(channels: int, seed: int = 0):
     return model
 
 
-def _diffusers_run(cls_name, config, steps, x_T, model, noises=None, *, float64=True):
+def _diffusers_run(cls_name, config, steps, x_T, model, noises=None, *, float64=True, begin_index=None):
     """diffusers' ``set_timesteps`` + ``step`` loop; returns (scheduler, [x after each step])."""
     cls = getattr(diffusers, cls_name)
     module = sys.modules[cls.__module__]
     with _diffusers_float64(module) if float64 else contextlib.nullcontext():
         sch = cls(**config)
         sch.set_timesteps(steps)
+        if begin_index is not None:
+            sch.set_begin_index(begin_index)
         x = x_T.clone() if float64 else x_T.float()
         traj = []
         for i, t in enumerate(sch.timesteps):
@@ -122,7 +124,9 @@ def _diffusers_run(cls_name, config, steps, x_T, model, noises=None, *, float64=
     return sch, traj
 
 
-def _compare(case, steps, *, schedule_kw=None, plan_kw=None, diff_kw=None, scale_x=1.0, degenerate_last=False):
+def _compare(
+    case, steps, *, schedule_kw=None, plan_kw=None, diff_kw=None, scale_x=1.0, degenerate_last=False, begin_index=None
+):
     """Run one case both ways in float64; assert timesteps, sigmas and every step's sample agree.
 
     ``degenerate_last``: the last step goes from sigma_min to sigma_min (Karras sigmas end at sigma_min and
@@ -137,7 +141,7 @@ def _compare(case, steps, *, schedule_kw=None, plan_kw=None, diff_kw=None, scale
     x_T = torch.randn(SHAPE, dtype=F64) * scale_x
     model = _toy_model(SHAPE[1])
     noises = [torch.randn(SHAPE, dtype=F64) for _ in range(steps)] if plan.noise else None
-    sch, ref = _diffusers_run(cls_name, config, steps, x_T, model, noises)
+    sch, ref = _diffusers_run(cls_name, config, steps, x_T, model, noises, begin_index=begin_index)
     assert torch.equal(plan.timesteps, sch.timesteps)
     torch.testing.assert_close(plan.sigmas, sch.sigmas, rtol=1e-12, atol=0)
     out, traj = multistep_sample_reference(
@@ -196,8 +200,12 @@ def test_sigma_min_and_no_lower_order_final_equal_diffusers(case, steps):
 def test_other_schedules_equal_diffusers(case):
     # cosine schedule (Karras timesteps are truncated, not rounded, for DPM-Solver), zero-SNR rescale
     # (abar of the last step is 2**-24), scaled_linear with a steps_offset and leading spacing.
-    # (3 steps: with more, the first Karras timesteps repeat (999, 999, ...) and diffusers starts at index 1.)
-    _compare(case, 3, schedule_kw=dict(beta_schedule="squaredcos_cap_v2"), plan_kw=dict(use_karras_sigmas=True))
+    cosine = dict(beta_schedule="squaredcos_cap_v2")
+    _compare(case, 3, schedule_kw=cosine, plan_kw=dict(use_karras_sigmas=True))
+    # With 10 steps the first Karras timesteps can repeat (UniPC: 999, 999, ...): diffusers' index_for_timestep
+    # then starts at index 1 and runs off the end; with set_begin_index(0) it runs every step, as the plan does.
+    plan = _compare(case, 10, schedule_kw=cosine, plan_kw=dict(use_karras_sigmas=True), begin_index=0)
+    assert plan.timesteps[0] == plan.timesteps[1] or not case.startswith("unipc")
     _compare(
         case,
         12,
@@ -303,6 +311,9 @@ def test_plan_errors_name_the_argument():
         multistep_plan(s, "dpmpp_2m", 10, solver_order=3)
     with pytest.raises(ValueError, match="num_inference_steps"):
         multistep_plan(s, "dpmpp_2m", 0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        multistep_plan(s, "dpmpp_2m", 2.5)
+    assert multistep_plan(s, "dpmpp_2m", np.int64(4)).num_steps == 4
     with pytest.raises(ValueError, match="timestep_spacing"):
         multistep_plan(s, "dpmpp_2m", 10, timestep_spacing="uniform")
     with pytest.raises(ValueError, match="final_sigmas_type"):
