@@ -28,13 +28,30 @@ Deliberate details, each as diffusers does it:
 * ``unipc``: with ``lower_order_final`` the order of step i is at most ``S - i`` (any number of steps); the
   corrector of step i uses the order of step i - 1's predictor; there is no corrector after the last step.
 
-One difference: with a learned variance, diffusers' DPM-Solver keeps the model output's first 3 channels
-(``model_output[:, :3]``); :func:`multistep_sample_reference` keeps the first C channels of a C-channel sample.
+* ``dpmpp_3m`` is diffusers' (and the DPM-Solver authors') multistep third-order update. Its
+  ``D2 = (D1_0 - D1_1) / (r0 + r1)`` is h^2 D''/2 while its weight ``phi_3`` needs h^2 D'' (Taylor expansion
+  of the three history points), so the h^3 term is half right and the method converges at order 2, not 3
+  (measured in tests/test_solvers.py; doubling that term gives order 3). Kept for equality with diffusers.
+
+Differences from diffusers, where diffusers fails:
+
+* With a learned variance, diffusers' DPM-Solver keeps the model output's first 3 channels
+  (``model_output[:, :3]``); :func:`multistep_sample_reference` keeps the first C channels of a C-sample.
+* A zero-length last step (Karras sigmas with ``final_sigmas_type="sigma_min"``: sigma_min to sigma_min) gives
+  NaN in diffusers' SDE noise term when float64 rounding makes h = -1e-15; here it is the identity step, as
+  in stock (float32) diffusers. Where diffusers' coefficient is NaN/inf (third-order UniPC over that step,
+  ``unipc`` with ``lower_order_final=False`` and a zero final sigma, repeated timesteps) the plan raises.
+* When the first timesteps repeat (e.g. Karras sigmas on the cosine schedule: 999, 999, ...), diffusers'
+  ``index_for_timestep`` starts at step index 1 and fails at the end; the plan runs every step in order.
+* DPM-Solver with Karras sigmas on the cosine schedule truncates fractional timesteps (diffusers does not
+  round there); stock diffusers' float32 tables give 998.9999 -> 998 where float64 gives 999 -> 999, so
+  the model's timestep input can differ by one from stock diffusers in that one configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -140,7 +157,11 @@ def multistep_sigmas(
     T, n = schedule.num_train_timesteps, num_inference_steps
     _check_choice("timestep_spacing", timestep_spacing, SPACINGS)
     _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+    try:
+        n = operator.index(n)  # int, numpy or 0-dim torch integer
+    except TypeError:
+        n = None
+    if n is None or isinstance(num_inference_steps, bool) or not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {num_inference_steps!r}")
     # 1. timesteps (diffusers: lambda_min_clipped = -inf, so the last timestep is T).
     if timestep_spacing == "linspace":
