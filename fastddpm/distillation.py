@@ -39,7 +39,6 @@ batch and takes its slice, as :func:`fastddpm.train` does; rank 0 writes.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -65,10 +64,12 @@ from .distill_math import (
     truncated_snr_weight,
 )
 from .distributed import barrier
+from .noise import check_seed
 from .ops import q_sample
 from .registry import load_model
 from .sampling import model_call
 from .schedule import LEARNED_VARIANCES, Schedule
+from .shards import model_fingerprint
 from .training import (
     SCHEDULER_NAME,
     _atomic_write_bytes,
@@ -79,8 +80,9 @@ from .training import (
     _derive_seed,
     _has_dropout,
     _image_size,
+    _open_log,
+    _place_data,
     _resolve_device,
-    _truncate_log,
     _world,
 )
 from .unet import UNet
@@ -190,14 +192,6 @@ def _save_round(path: Path, ema: nn.Module, schedule: Schedule, steps: int, teac
     _atomic_write_bytes(path / SCHEDULER_NAME, lambda p: p.write_text(sched, encoding="utf-8"))
     text = json.dumps(_sampling_config(schedule, steps, teacher_steps), indent=2) + "\n"
     _atomic_write_bytes(path / SAMPLING_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def _weights_sha256(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- checks
@@ -513,8 +507,7 @@ def distill(
         _check_positive("stop_after", stop_after, integer=True)
     if not isinstance(ema_decay, (int, float)) or isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise TypeError(f"seed must be an int >= 0, got {seed!r}")
+    seed = check_seed(seed)
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} must be divisible by the number of ranks ({world})")
 
@@ -547,7 +540,7 @@ def distill(
     if out_path is not None and not isinstance(first, UNet):
         raise ValueError("out_dir writes fastddpm checkpoints: the student must be a fastddpm UNet")
     state = _load_state(out_path, resume)
-    teacher_sha = _weights_sha256(teacher)
+    teacher_sha = model_fingerprint(teacher)
     hparams = dict(from_steps=from_steps, steps_per_round=steps_per_round, batch_size=batch_size, seed=seed,
                    prediction_type=prediction_type, teacher_schedule=schedule.to_dict())  # fmt: skip
     if state is not None:
@@ -568,9 +561,7 @@ def distill(
             raise ValueError("data must be a tensor when the teacher is not a fastddpm UNet")
         data = load_dataset(data, image_size=image_size or _image_size(cfg), channels=cfg.in_channels)
     _check_data(data, cfg) if cfg is not None else _check_generic_data(data)
-    data = data.detach().to(torch.float32)
-    if data.device != device and data.numel() * 4 <= 1 << 30:
-        data = data.to(device)
+    data = _place_data(data, device)
     n_data = data.shape[0]
     data_info = {"num_examples": n_data, "shape": list(data.shape[1:])}
     if state is not None and state["data_info"] != data_info:
@@ -602,12 +593,7 @@ def distill(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan) * spr, initial=global_start, desc="distilling", unit="step", dynamic_ncols=True)
-    log_file = None
-    if out_path is not None and rank == 0:
-        out_path.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _truncate_log(out_path / DISTILL_LOG_NAME, global_start)
-        log_file = open(out_path / DISTILL_LOG_NAME, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
+    log_file = _open_log(out_path, DISTILL_LOG_NAME, rank, resume, global_start)
     t_start = time.perf_counter()
     ctx = _Run(
         plan=plan, s_sched=s_sched, data=data, device=device, rank=rank, world=world, lo=lo, local=local,

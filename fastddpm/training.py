@@ -180,6 +180,28 @@ def _preset_or_dir(name: str) -> UNet | UNetConfig:
     )
 
 
+def _place_data(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """float32 training data where the loop reads it: on ``device`` when it fits ``_MAX_DEVICE_DATA_BYTES``,
+    else left on the CPU (pinned when the loop runs on CUDA, for asynchronous batch copies)."""
+    data = data.detach().to(torch.float32)
+    if data.device != device and data.numel() * 4 <= _MAX_DEVICE_DATA_BYTES:
+        return data.to(device)
+    if data.device.type == "cpu" and device.type == "cuda":
+        return data.pin_memory()
+    return data
+
+
+def _open_log(out_path: Path | None, name: str, rank: int, resume: bool, start: int):
+    """Rank 0's JSON-lines log ``out_path/name`` (None elsewhere or without ``out_path``); a resume keeps the
+    records up to ``start`` (see :func:`_truncate_log`) and appends."""
+    if out_path is None or rank != 0:
+        return None
+    out_path.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _truncate_log(out_path / name, start)
+    return open(out_path / name, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop the log records of steps after ``step`` (the checkpoint a resume starts from): a run killed
     after its last checkpoint logged steps that the resumed run trains again, and logs once more."""
@@ -406,11 +428,7 @@ def train(
     if not isinstance(data, torch.Tensor):
         data = load_dataset(data, image_size=image_size or _image_size(cfg), channels=cfg.in_channels)
     _check_data(data, cfg)
-    data = data.detach().to(torch.float32)
-    if data.device != device and data.numel() * 4 <= _MAX_DEVICE_DATA_BYTES:
-        data = data.to(device)
-    elif data.device.type == "cpu" and device.type == "cuda":
-        data = data.pin_memory()
+    data = _place_data(data, device)
     n_data = data.shape[0]
     if state is not None:
         saved = state["data"]
@@ -492,12 +510,7 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=min(start, steps), desc="training", unit="step", dynamic_ncols=True)
-    log_file = None
-    if out_path is not None and rank == 0:
-        out_path.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _truncate_log(out_path / LOG_NAME, start)
-        log_file = open(out_path / LOG_NAME, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
+    log_file = _open_log(out_path, LOG_NAME, rank, resume, start)
 
     losses: list[float] = []
     saved_at: list[int] = []
