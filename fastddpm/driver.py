@@ -207,6 +207,12 @@ def inplace_launch(backend: str) -> Launch:
     return launch
 
 
+def _thresholds(x0: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """Dynamic thresholding's per-sample ``s`` (float32 ``[B]``) from an x0-only pass ``[B, N]``."""
+    s = dynamic_threshold(x0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
+    return s.to(torch.float32).contiguous()
+
+
 def fused_step(
     launch: Launch,
     x: torch.Tensor,
@@ -235,8 +241,7 @@ def fused_step(
     if clip == L.CLIP_THRESHOLD:
         _, x0 = launch(x, m, None, None, None, None, coef, tval, rows, None, rng, L.CLIP_NONE, 0.0, L.VAR_FIXED,
                        L.NOISE_NONE, False, True)  # fmt: skip
-        thresh = dynamic_threshold(x0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
-        thresh = thresh.to(torch.float32).contiguous()
+        thresh = _thresholds(x0, schedule)
     return launch(x, m, v, noise, prev_out, x0_out, coef, tval, rows, thresh, rng, clip,
                   float(schedule.clip_sample_range), var_mode, noise_mode, write_x0, False)  # fmt: skip
 
@@ -265,8 +270,7 @@ def fused_multistep(
         d0 = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         launch(x, m, None, None, None, d0, coef, tval, step, None, rng, clip_mode=L.CLIP_NONE, clip_range=0.0,
                noise_mode=L.NOISE_NONE, x0_only=True)  # fmt: skip
-        thresh = dynamic_threshold(d0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
-        thresh = thresh.to(torch.float32).contiguous()
+        thresh = _thresholds(d0, schedule)
     launch(x, m, xp, hist, noise, None, coef, tval, step, thresh, rng, clip_mode=clip,
            clip_range=float(schedule.clip_sample_range), noise_mode=noise_mode, x0_only=False)  # fmt: skip
 
