@@ -49,20 +49,6 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _init_distributed(device: str | None) -> bool:
-    """Initialise torch.distributed from torchrun's environment when WORLD_SIZE > 1; True if this call did it."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
-
-
 def run_train(args: argparse.Namespace) -> int:
     """Run ``fastddpm train`` from parsed arguments; returns the exit status."""
     from ..training import LOG_NAME, SCHEDULER_NAME, STATE_NAME, train
@@ -72,7 +58,12 @@ def run_train(args: argparse.Namespace) -> int:
     out, created = _checks.prepare_output_folder(args.out) if rank0 else (Path(args.out).expanduser(), [])
     state = out / STATE_NAME
     state_before = state.stat().st_mtime_ns if state.is_file() else None
-    started = _init_distributed(args.device)
+    import torch
+
+    from .. import distributed
+
+    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, started = distributed.init_from_env(torch.device(want))  # the one torchrun join (sample, distill too)
     rank = 0
     try:
         import torch.distributed as dist
@@ -92,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
                 ema_decay=args.ema_decay,
                 warmup=args.warmup,
                 seed=args.seed,
-                device=args.device,
+                device=device,
                 out_dir=args.out,
                 save_every=args.save_every or None,
                 resume=args.resume,
